@@ -1,0 +1,274 @@
+"""The protocol every driver adapter implements, and the connection pool they share.
+
+An adapter wraps one driver connection and exposes five operations: fetch one,
+fetch all, execute, execute many, and begin/commit/rollback. It maps the
+driver's exceptions into dal's error tree at this boundary (``raise ... from``)
+and makes no routing decision: it runs what it is given on the connection it
+holds.
+
+:class:`Pool` is one pool implementation for all drivers, so every backend
+honours the same settings (min/max size, acquire timeout, max lifetime, max
+idle time). It hands out idle connections LIFO (the warm ones stay warm, the
+surplus ages out), never runs a query on release (a connection is rolled back
+only when it is returned inside a transaction), and discards a connection
+whose last operation lost it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from dal.config import PoolSettings
+from dal.errors import ConnectionUnavailableError, DalError, PoolTimeoutError, QueryTimeoutError
+
+log = logging.getLogger("dal.pool")
+
+Row = Sequence[Any]
+
+
+class Connection(Protocol):
+    """One open driver connection, already mapped to dal's errors."""
+
+    created_at: float
+    last_used: float
+    broken: bool
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None: ...
+
+    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]: ...
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        """Run a statement; return the number of rows it matched."""
+        ...
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
+
+    async def begin(self) -> None: ...
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+    def in_transaction(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+    def terminate(self) -> None:
+        """Close at once without a round trip (used when the connection is suspect)."""
+        ...
+
+
+Connector = Callable[[], Awaitable[Connection]]
+
+
+def mark_if_lost(conn: Connection, exc: BaseException) -> None:
+    """Flag ``conn`` for discard when ``exc`` says its state is unknown or gone."""
+    if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | asyncio.CancelledError):
+        conn.broken = True
+    elif not isinstance(exc, DalError):
+        conn.broken = True
+
+
+class Pool:
+    """A bounded pool of connections to one node.
+
+    ``acquire()`` returns a connection or raises :class:`PoolTimeoutError` after
+    ``acquire_timeout``; ``release()`` never blocks and never does I/O unless
+    the connection must be rolled back or closed (then in a background task,
+    shielded from the caller's cancellation).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connect: Connector,
+        settings: PoolSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._connect = connect
+        self._settings = settings
+        self._clock = clock
+        self._idle: deque[Connection] = deque()
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._size = 0  # open connections plus those being opened
+        self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _expired(self, conn: Connection, now: float) -> bool:
+        s = self._settings
+        if s.max_lifetime is not None and now - conn.created_at > s.max_lifetime:
+            return True
+        return s.max_idle_time is not None and now - conn.last_used > s.max_idle_time
+
+    async def acquire(self) -> Connection:
+        if self._closed:
+            raise ConnectionUnavailableError(f"pool {self.name} is closed")
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if self._expired(conn, self._clock()):
+                self._discard(conn)
+                continue
+            return conn
+        if self._size < self._settings.max_size:
+            return await self._open()
+        return await self._wait()
+
+    async def _open(self) -> Connection:
+        self._size += 1
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout):
+                conn = await self._connect()
+        except TimeoutError:
+            self._size -= 1
+            self._wake_one()
+            raise ConnectionUnavailableError(
+                f"{self.name}: no connection within connect_timeout={self._settings.connect_timeout}s"
+            ) from None
+        except BaseException:
+            self._size -= 1
+            self._wake_one()
+            raise
+        now = self._clock()
+        conn.created_at = now
+        conn.last_used = now
+        return conn
+
+    async def _wait(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.acquire_timeout
+        while True:
+            fut: asyncio.Future[Connection | None] = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    got = await fut
+            except BaseException as exc:
+                # Handed a connection (or a free slot) just as we timed out or were
+                # cancelled: pass it on rather than leak it.
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    handed = fut.result()
+                    if handed is not None:
+                        self.release(handed)
+                    else:
+                        self._wake_one()
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeoutError(
+                        f"{self.name}: no free connection within acquire_timeout="
+                        f"{self._settings.acquire_timeout}s (max_size={self._settings.max_size})"
+                    ) from None
+                raise
+            finally:
+                if not fut.done():
+                    fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            if got is not None:
+                return got
+            # A slot was freed (a connection discarded): open one ourselves.
+            if self._size < self._settings.max_size:
+                return await self._open()
+
+    def _wake_one(self, conn: Connection | None = None) -> bool:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return True
+        return False
+
+    def release(self, conn: Connection) -> None:
+        """Return ``conn``; discard it when broken, expired or inside a transaction."""
+        if conn.broken or self._closed:
+            self._discard(conn)
+            return
+        if conn.in_transaction():
+            # Someone left a transaction open (cancelled mid-way): roll it back
+            # off the caller's path before anyone else may use the connection.
+            self._spawn(self._rollback_then_release(conn))
+            return
+        now = self._clock()
+        conn.last_used = now
+        s = self._settings
+        if s.max_lifetime is not None and now - conn.created_at > s.max_lifetime:
+            self._discard(conn)
+            return
+        if not self._wake_one(conn):
+            self._idle.append(conn)
+
+    async def _rollback_then_release(self, conn: Connection) -> None:
+        try:
+            await conn.rollback()
+        except BaseException:
+            conn.broken = True
+        self.release(conn)
+
+    def _discard(self, conn: Connection) -> None:
+        self._size -= 1
+        conn.terminate() if conn.broken else self._spawn(self._close_quietly(conn))
+        if not self._closed:
+            self._wake_one(None)
+
+    @staticmethod
+    async def _close_quietly(conn: Connection) -> None:
+        try:
+            await conn.close()
+        except BaseException:  # closing a dead connection: nothing to do
+            conn.terminate()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def fill(self) -> None:
+        """Open connections until ``min_size`` are idle (warm-up at start)."""
+        while self._size < self._settings.min_size:
+            conn = await self._open()
+            self._idle.append(conn)
+
+    def reap(self) -> int:
+        """Close idle connections past max_idle_time/max_lifetime beyond ``min_size``."""
+        now = self._clock()
+        closed = 0
+        keep: deque[Connection] = deque()
+        # Oldest-used first: the left end of the deque.
+        while self._idle:
+            conn = self._idle.popleft()
+            if self._size > self._settings.min_size and self._expired(conn, now):
+                self._discard(conn)
+                closed += 1
+            else:
+                keep.append(conn)
+        self._idle = keep
+        return closed
+
+    async def close(self) -> None:
+        """Close idle connections now; connections in use are closed when released."""
+        self._closed = True
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionUnavailableError(f"pool {self.name} is closed"))
+        self._waiters.clear()
+        idle, self._idle = list(self._idle), deque()
+        self._size -= len(idle)
+        await asyncio.gather(*(self._close_quietly(c) for c in idle))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,165 @@
+"""PostgreSQL through asyncpg.
+
+asyncpg prepares every statement it runs and keeps it in a per-connection LRU
+(``statement_cache_size``), so a repeated query text costs one round trip:
+Bind/Execute of the cached statement. Connections stay in autocommit; a
+transaction is an explicit ``BEGIN`` ... ``COMMIT``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import asyncpg.exceptions as pgx
+
+from dal.config import NodeSpec
+from dal.errors import (
+    ConnectionUnavailableError,
+    DalError,
+    DataError,
+    DuplicateKeyError,
+    ForeignKeyError,
+    IntegrityError,
+    NotNullError,
+    QueryError,
+    QueryTimeoutError,
+    ReadOnlyError,
+    SchemaMismatchError,
+)
+
+from .base import Row
+
+
+def map_error(exc: BaseException, node: str) -> DalError:
+    """The dal error for an asyncpg/OS exception raised while talking to ``node``."""
+    msg = f"{node}: {exc}"
+    if isinstance(exc, pgx.UniqueViolationError):
+        return DuplicateKeyError(msg)
+    if isinstance(exc, pgx.ForeignKeyViolationError):
+        return ForeignKeyError(msg)
+    if isinstance(exc, pgx.NotNullViolationError):
+        return NotNullError(msg)
+    if isinstance(exc, pgx.IntegrityConstraintViolationError):
+        return IntegrityError(msg)
+    if isinstance(exc, pgx.QueryCanceledError):
+        return QueryTimeoutError(msg)
+    if isinstance(exc, pgx.ReadOnlySQLTransactionError):
+        return ReadOnlyError(msg)
+    if isinstance(exc, pgx.UndefinedTableError | pgx.UndefinedColumnError):
+        return SchemaMismatchError(msg)
+    if isinstance(exc, pgx.DataError | pgx._base.DataError):  # server class 22 / client-side encode
+        return DataError(msg)
+    if isinstance(
+        exc,
+        pgx.PostgresConnectionError
+        | pgx.CannotConnectNowError
+        | pgx.AdminShutdownError
+        | pgx.CrashShutdownError
+        | pgx.ConnectionDoesNotExistError
+        | asyncpg.InterfaceError
+        | OSError
+        | EOFError,
+    ):
+        return ConnectionUnavailableError(msg)
+    if isinstance(exc, TimeoutError):
+        return QueryTimeoutError(msg)
+    if isinstance(exc, pgx.PostgresError):
+        return QueryError(msg)
+    return ConnectionUnavailableError(msg)
+
+
+def _rowcount(status: str) -> int:
+    # "UPDATE 3", "DELETE 0", "INSERT 0 1"
+    tail = status.rpartition(" ")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+class PostgresConnection:
+    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used")
+
+    def __init__(self, conn: asyncpg.Connection, node: str) -> None:
+        self._conn = conn
+        self._node = node
+        self.broken = False
+        self.created_at = 0.0
+        self.last_used = 0.0
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        try:
+            return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
+        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        try:
+            return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
+        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        try:
+            return _rowcount(await self._conn.execute(sql, *params))
+        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        try:
+            await self._conn.executemany(sql, params)
+        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def begin(self) -> None:
+        await self.execute("BEGIN", ())
+
+    async def commit(self) -> None:
+        await self.execute("COMMIT", ())
+
+    async def rollback(self) -> None:
+        await self.execute("ROLLBACK", ())
+
+    def in_transaction(self) -> bool:
+        return bool(self._conn.is_in_transaction())
+
+    async def close(self) -> None:
+        await self._conn.close(timeout=5)
+
+    def terminate(self) -> None:
+        self._conn.terminate()
+
+    def _lost(self, exc: BaseException) -> DalError:
+        err = map_error(exc, self._node)
+        if isinstance(err, ConnectionUnavailableError | QueryTimeoutError) or self._conn.is_closed():
+            self.broken = True
+        return err
+
+
+async def connect(spec: NodeSpec) -> PostgresConnection:
+    url = spec.dsn.url
+    query = dict(url.query)
+    ssl: Any = query.pop("ssl", None) or query.pop("sslmode", None)
+    try:
+        conn = await asyncpg.connect(
+            host=url.host or None,
+            port=url.port or None,
+            user=url.username or None,
+            password=url.password or None,
+            database=url.database or None,
+            timeout=spec.pool.connect_timeout,
+            statement_cache_size=spec.pool.statement_cache_size,
+            command_timeout=spec.pool.query_timeout,
+            ssl=ssl,
+            server_settings={str(k): str(v) for k, v in query.items()} or None,
+        )
+    except (pgx.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        err = map_error(exc, spec.name)
+        if not isinstance(err, ConnectionUnavailableError):
+            err = ConnectionUnavailableError(f"{spec.name}: cannot connect: {exc}")
+        raise err from exc
+    # json/jsonb arrive as text by default; SQLAlchemy's JSON type expects the
+    # driver to decode them (its bind side already encodes to text).
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=str, decoder=json.loads, schema="pg_catalog")
+    return PostgresConnection(conn, spec.name)

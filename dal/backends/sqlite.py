@@ -1,0 +1,159 @@
+"""SQLite through aiosqlite: the embedded default, one file per shard database.
+
+Each connection runs on its own thread (aiosqlite) in autocommit mode
+(``isolation_level=None``); a transaction is ``BEGIN IMMEDIATE`` so that two
+writers queue on the database lock at ``BEGIN`` instead of failing later when a
+read lock cannot be upgraded. The file uses WAL, so readers never wait for the
+writer and each statement sees every commit before it. sqlite3 keeps
+``statement_cache_size`` prepared statements per connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from dal.config import NodeSpec
+from dal.errors import (
+    ConnectionUnavailableError,
+    DalError,
+    DataError,
+    DuplicateKeyError,
+    ForeignKeyError,
+    IntegrityError,
+    NotNullError,
+    QueryError,
+    QueryTimeoutError,
+    ReadOnlyError,
+    SchemaMismatchError,
+)
+
+from .base import Row
+
+_ERRORS = (sqlite3.Error, ValueError)
+
+
+def map_error(exc: BaseException, node: str) -> DalError:
+    """The dal error for a sqlite3/aiosqlite exception raised on ``node``."""
+    text = str(exc)
+    low = text.lower()
+    msg = f"{node}: {text}"
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "unique constraint" in low or "primary key" in low:
+            return DuplicateKeyError(msg)
+        if "not null constraint" in low:
+            return NotNullError(msg)
+        if "foreign key constraint" in low:
+            return ForeignKeyError(msg)
+        return IntegrityError(msg)
+    if "no such table" in low or "no such column" in low or "has no column named" in low:
+        return SchemaMismatchError(msg)
+    if "database is locked" in low or "database table is locked" in low or "interrupted" in low:
+        return QueryTimeoutError(msg)
+    if "readonly database" in low or "read-only" in low:
+        return ReadOnlyError(msg)
+    if isinstance(exc, sqlite3.DataError) or "too big" in low:
+        return DataError(msg)
+    if isinstance(exc, ValueError) or "closed" in low or "unable to open" in low or "disk i/o" in low:
+        return ConnectionUnavailableError(msg)
+    return QueryError(msg)
+
+
+class SQLiteConnection:
+    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used")
+
+    def __init__(self, conn: aiosqlite.Connection, node: str) -> None:
+        self._conn = conn
+        self._node = node
+        self.broken = False
+        self.created_at = 0.0
+        self.last_used = 0.0
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        try:
+            rows = await self._conn.execute_fetchall(sql, params)
+        except _ERRORS as exc:
+            raise self._lost(exc) from exc
+        for row in rows:
+            return row  # type: ignore[no-any-return]
+        return None
+
+    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except _ERRORS as exc:
+            raise self._lost(exc) from exc
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        try:
+            cur = await self._conn.execute(sql, params)
+            count = cur.rowcount
+            await cur.close()
+            return max(count, 0)
+        except _ERRORS as exc:
+            raise self._lost(exc) from exc
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        try:
+            await self._conn.executemany(sql, params)
+        except _ERRORS as exc:
+            raise self._lost(exc) from exc
+
+    async def begin(self) -> None:
+        await self.execute("BEGIN IMMEDIATE", ())
+
+    async def commit(self) -> None:
+        await self.execute("COMMIT", ())
+
+    async def rollback(self) -> None:
+        await self.execute("ROLLBACK", ())
+
+    def in_transaction(self) -> bool:
+        return bool(self._conn.in_transaction)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def terminate(self) -> None:
+        # No round trip to skip: closing is local. Schedule it, do not wait.
+        import asyncio
+
+        asyncio.ensure_future(self._conn.close())
+
+    def _lost(self, exc: BaseException) -> DalError:
+        err = map_error(exc, self._node)
+        if isinstance(err, ConnectionUnavailableError):
+            self.broken = True
+        return err
+
+
+def database_path(spec: NodeSpec) -> str:
+    return spec.dsn.url.database or ":memory:"
+
+
+async def connect(spec: NodeSpec) -> SQLiteConnection:
+    path = database_path(spec)
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    timeout = spec.pool.query_timeout or spec.pool.acquire_timeout
+    try:
+        conn = await aiosqlite.connect(
+            path,
+            isolation_level=None,
+            timeout=timeout,
+            cached_statements=spec.pool.statement_cache_size,
+        )
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA foreign_keys=ON",
+            f"PRAGMA busy_timeout={int(timeout * 1000)}",
+        ):
+            await conn.execute(pragma)
+    except _ERRORS as exc:
+        raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
+    return SQLiteConnection(conn, spec.name)

@@ -1,0 +1,269 @@
+"""The cluster: one pool per node, node availability, and execution of routed work.
+
+The router decides *where* (a :class:`~dal.routing.router.Target`); the cluster
+turns a target into a :class:`Node` (the primary, or a replica chosen by the
+balancer among the available ones) and runs statements on it. Availability is
+an interface for health checks and breakers: :meth:`Cluster.mark_down` takes a
+node out of rotation (reads fall back to other replicas, then the primary;
+writes to a down primary fail fast with
+:class:`~dal.errors.ConnectionUnavailableError`), :meth:`Cluster.mark_up` puts
+it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from dal.backends import Connection, Pool, connector_for
+from dal.backends.base import Row, mark_if_lost
+from dal.config import Backend, Config, NodeSpec
+from dal.errors import ConnectionUnavailableError, RoutingError
+from dal.routing.balancing import Balancer, BalancerFactory, balancer_factory
+from dal.routing.router import Role, Target
+
+log = logging.getLogger("dal.cluster")
+
+
+class Node:
+    """One server and its pool, with the counters a balancer and tests look at."""
+
+    __slots__ = (
+        "available",
+        "backend",
+        "database",
+        "down_reason",
+        "in_flight",
+        "name",
+        "pool",
+        "queries",
+        "role",
+        "spec",
+        "weight",
+    )
+
+    def __init__(self, spec: NodeSpec, database: str, pool: Pool) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.database = database
+        self.role = Role.PRIMARY if spec.role == "primary" else Role.REPLICA
+        self.weight = spec.weight
+        self.backend: Backend = spec.backend
+        self.pool = pool
+        self.available = True
+        self.down_reason: str | None = None
+        self.in_flight = 0
+        self.queries = 0  # statements run (transactions count each statement)
+
+    def __repr__(self) -> str:
+        state = "up" if self.available else f"down: {self.down_reason}"
+        return f"<Node {self.name} {self.role.value} {self.spec.dsn.masked} ({state})>"
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        conn = await self.pool.acquire()
+        self.in_flight += 1
+        self.queries += 1
+        try:
+            return await conn.fetch_one(sql, params)
+        except BaseException as exc:
+            mark_if_lost(conn, exc)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.pool.release(conn)
+
+    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        conn = await self.pool.acquire()
+        self.in_flight += 1
+        self.queries += 1
+        try:
+            return await conn.fetch_all(sql, params)
+        except BaseException as exc:
+            mark_if_lost(conn, exc)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.pool.release(conn)
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        conn = await self.pool.acquire()
+        self.in_flight += 1
+        self.queries += 1
+        try:
+            return await conn.execute(sql, params)
+        except BaseException as exc:
+            mark_if_lost(conn, exc)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.pool.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A connection inside BEGIN; COMMIT on normal exit, ROLLBACK on error."""
+        conn = await self.pool.acquire()
+        self.in_flight += 1
+        try:
+            try:
+                await conn.begin()
+            except BaseException as exc:
+                mark_if_lost(conn, exc)
+                raise
+            try:
+                yield conn
+            except BaseException:
+                if not conn.broken:
+                    try:
+                        # Shielded so a cancelled caller does not cut the rollback short.
+                        await asyncio.shield(_rollback_quietly(conn))
+                    except asyncio.CancelledError:
+                        conn.broken = True  # rollback may still be running: never reuse
+                        raise
+                raise
+            try:
+                await conn.commit()
+            except BaseException as exc:
+                mark_if_lost(conn, exc)
+                raise
+        finally:
+            self.in_flight -= 1
+            self.pool.release(conn)
+
+
+async def _rollback_quietly(conn: Connection) -> None:
+    try:
+        await conn.rollback()
+    except BaseException:
+        conn.broken = True
+
+
+class _Group:
+    """The nodes of one shard database and its balancer."""
+
+    __slots__ = ("balancer", "name", "primary", "replicas")
+
+    def __init__(self, name: str, primary: Node, replicas: list[Node], balancer: Balancer) -> None:
+        self.name = name
+        self.primary = primary
+        self.replicas = replicas
+        self.balancer = balancer
+
+
+class Cluster:
+    """Pools for every node of a :class:`~dal.config.Config`, and node selection."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        balancers: BalancerFactory | None = None,
+    ) -> None:
+        self.config = config
+        make_balancer = balancers or balancer_factory(config.balancing, rng=rng)
+        self.nodes: dict[str, Node] = {}
+        self._groups: dict[str, _Group] = {}
+        for db in config.databases:
+            nodes = []
+            for spec in db.nodes:
+                spec = _sqlite_memory_fix(spec)
+                node = Node(spec, db.name, Pool(spec.name, connector_for(spec), spec.pool, clock=clock))
+                self.nodes[spec.name] = node
+                nodes.append(node)
+            self._groups[db.name] = _Group(db.name, nodes[0], nodes[1:], make_balancer())
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- selection ---------------------------------------------------------------
+    def node(self, target: Target) -> Node:
+        """The node that serves ``target``: the primary, or a balanced available replica."""
+        group = self._groups[target.database]
+        if target.role is Role.PRIMARY:
+            primary = group.primary
+            if not primary.available:
+                raise ConnectionUnavailableError(
+                    f"primary {primary.name} of {group.name} is down: {primary.down_reason}"
+                )
+            return primary
+        replicas = group.replicas
+        if replicas:
+            candidates = [n for n in replicas if n.available]
+            if candidates:
+                return group.balancer.choose(candidates)
+        primary = group.primary
+        if not primary.available:
+            raise ConnectionUnavailableError(f"no available node in {group.name}")
+        return primary
+
+    def primary(self, database: str) -> Node:
+        try:
+            return self._groups[database].primary
+        except KeyError:
+            raise RoutingError(f"unknown shard database {database!r}") from None
+
+    def replicas(self, database: str) -> list[Node]:
+        return list(self._groups[database].replicas)
+
+    def backend(self, database: str) -> Backend:
+        return self._groups[database].primary.backend
+
+    @property
+    def databases(self) -> list[str]:
+        return list(self._groups)
+
+    # -- availability (health checks and breakers drive these) -----------------------
+    def mark_down(self, name: str, reason: str) -> None:
+        node = self.nodes[name]
+        if node.available:
+            log.warning("node %s marked down: %s", name, reason)
+        node.available = False
+        node.down_reason = reason
+
+    def mark_up(self, name: str) -> None:
+        node = self.nodes[name]
+        if not node.available:
+            log.info("node %s marked up", name)
+        node.available = True
+        node.down_reason = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self, *, reap_interval: float = 30.0) -> None:
+        """Open ``min_size`` connections per node; a node that fails is logged, not fatal.
+
+        A replica down at start must not keep the application from starting, nor
+        stay unused once it comes back: it is simply tried again on use.
+        """
+        results = await asyncio.gather(*(n.pool.fill() for n in self.nodes.values()), return_exceptions=True)
+        for node, res in zip(self.nodes.values(), results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("could not warm up %s: %s", node.name, res)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap(reap_interval))
+
+    async def _reap(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for node in self.nodes.values():
+                node.pool.reap()
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await asyncio.gather(*(n.pool.close() for n in self.nodes.values()))
+
+
+def _sqlite_memory_fix(spec: NodeSpec) -> NodeSpec:
+    """An in-memory SQLite database lives as long as its one connection: never recycle it."""
+    if spec.backend == "sqlite" and (spec.dsn.url.database or ":memory:") == ":memory:":
+        pool = replace(spec.pool, min_size=1, max_size=1, max_lifetime=None, max_idle_time=None)
+        return replace(spec, pool=pool)
+    return spec

@@ -1,0 +1,474 @@
+"""Topology configuration: frozen, validated once, from TOML, a dict, or code.
+
+A topology is a set of *shard databases* (each one primary and any number of
+weighted replicas, with pool settings per node) and a set of *logical tables*
+(sharded by a key over ``table_shards`` physical tables, or global on one named
+database). Everything is checked when the :class:`Config` is built; a problem
+raises :class:`~dal.errors.ConfigError` naming the field, e.g.
+``databases.db1.replicas[0].weight: must be > 0``.
+
+TOML form (``dal.toml``)::
+
+    [dal]
+    balancing = "weighted"          # round_robin | weighted | least_connections | random
+    max_rows_scanned = 100000       # cap on rows a fan-out query may read
+    fanout_concurrency = 16         # physical tables queried at once
+    metadata = "myapp.models:metadata"   # where the SQLAlchemy tables are declared
+
+    [pool]                          # defaults for every node
+    max_size = 20
+
+    [databases.db0]
+    primary = "postgresql+asyncpg://app:secret@10.0.0.1/app"
+    replicas = ["postgresql+asyncpg://app:secret@10.0.0.2/app",
+                { dsn = "postgresql+asyncpg://app:secret@10.0.0.3/app", weight = 3 }]
+    pool = { min_size = 2 }         # overrides for this database's nodes
+
+    [tables.users]
+    shard_key = "id"
+    table_shards = 8                # users_0 .. users_7, spread over every database
+    # databases = ["db0", "db1"]    # restrict to some databases
+    # slot_map = { db0 = [0, 1, 2, 3], db1 = [4, 5, 6, 7] }   # instead of contiguous ranges
+
+    [tables.countries]
+    database = "db0"                # global (unsharded) table
+
+Environment variables override DSNs (``env=`` is injectable): for a database
+named ``db0``, ``DAL_DB0_PRIMARY`` replaces the primary DSN and
+``DAL_DB0_REPLICAS`` (comma-separated) replaces the replica list. Names are
+upper-cased and characters other than letters and digits become ``_``.
+
+A password in a DSN never appears in a message, ``repr`` or log line: DSNs are
+held by :class:`DSN`, whose ``str``/``repr`` mask it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from dal.errors import ConfigError
+from dal.routing.balancing import POLICIES
+
+Backend = Literal["postgresql", "mysql", "sqlite"]
+
+# URL drivername -> backend. A bare dialect name picks dal's driver for it.
+_SCHEMES: dict[str, Backend] = {
+    "postgresql+asyncpg": "postgresql",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "mysql+aiomysql": "mysql",
+    "mysql": "mysql",
+    "mariadb+aiomysql": "mysql",
+    "mariadb": "mysql",
+    "sqlite+aiosqlite": "sqlite",
+    "sqlite": "sqlite",
+}
+
+
+class DSN:
+    """A database URL whose password never leaks through ``str``/``repr``."""
+
+    __slots__ = ("backend", "url")
+
+    def __init__(self, value: str | URL, *, field_name: str = "dsn") -> None:
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError, TypeError):
+            # The raw text may hold a password: do not echo it.
+            raise ConfigError(field_name, "not a valid database URL") from None
+        backend = _SCHEMES.get(url.drivername)
+        if backend is None:
+            raise ConfigError(
+                field_name,
+                f"unknown scheme {url.drivername!r}; expected one of "
+                "postgresql+asyncpg, mysql+aiomysql, mariadb+aiomysql, sqlite+aiosqlite",
+            )
+        self.url: URL = url
+        self.backend: Backend = backend
+
+    @property
+    def masked(self) -> str:
+        """The URL with its password replaced by ``***``."""
+        return self.url.render_as_string(hide_password=True)
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"DSN({self.masked!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DSN) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Connection pool settings of one node.
+
+    The equivalents of Go's ``database/sql`` knobs: ``max_size`` is
+    ``SetMaxOpenConns``, ``min_size`` the connections kept open when idle
+    (``SetMaxIdleConns`` keeps at most that many idle beyond ``max_idle_time``),
+    ``max_lifetime`` is ``SetConnMaxLifetime`` and ``max_idle_time``
+    ``SetConnMaxIdleTime``. Times are seconds; ``None`` disables the limit.
+    """
+
+    min_size: int = 1
+    max_size: int = 10
+    acquire_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    max_lifetime: float | None = 3600.0
+    max_idle_time: float | None = 600.0
+    statement_cache_size: int = 256
+    query_timeout: float | None = None
+
+    def validate(self, where: str) -> None:
+        if self.min_size < 0:
+            raise ConfigError(f"{where}.min_size", "must be >= 0")
+        if self.max_size < 1:
+            raise ConfigError(f"{where}.max_size", "must be >= 1")
+        if self.min_size > self.max_size:
+            raise ConfigError(f"{where}.min_size", f"must be <= max_size ({self.max_size})")
+        for name in ("acquire_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}", "must be > 0")
+        for name in ("max_lifetime", "max_idle_time", "query_timeout"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{where}.{name}", "must be > 0 (or omitted)")
+        if self.statement_cache_size < 0:
+            raise ConfigError(f"{where}.statement_cache_size", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One server: the primary or a replica of a shard database."""
+
+    name: str
+    dsn: DSN
+    role: Literal["primary", "replica"]
+    weight: int = 1
+    pool: PoolSettings = field(default_factory=PoolSettings)
+
+    @property
+    def backend(self) -> Backend:
+        return self.dsn.backend
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSpec:
+    """A shard database: one primary, zero or more replicas."""
+
+    name: str
+    primary: NodeSpec
+    replicas: tuple[NodeSpec, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        return (self.primary, *self.replicas)
+
+    @property
+    def backend(self) -> Backend:
+        return self.primary.backend
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """How a logical table is placed.
+
+    Sharded: ``shard_key`` set, ``table_shards`` physical tables spread over
+    ``databases`` (default: all) by contiguous ranges, or by ``slot_map``.
+    Global: ``database`` set, no shard key; one physical table named like the
+    logical one.
+    """
+
+    name: str
+    shard_key: str | None = None
+    table_shards: int = 1
+    databases: tuple[str, ...] | None = None
+    slot_map: Mapping[str, tuple[int, ...]] | None = None
+    database: str | None = None
+
+    @property
+    def is_global(self) -> bool:
+        return self.shard_key is None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated topology. Build with :meth:`from_dict`, :meth:`from_toml` or directly."""
+
+    databases: tuple[DatabaseSpec, ...]
+    tables: tuple[TableSpec, ...] = ()
+    balancing: str = "round_robin"
+    max_rows_scanned: int = 100_000
+    fanout_concurrency: int = 16
+    metadata: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- lookup -----------------------------------------------------------------
+    def database(self, name: str) -> DatabaseSpec:
+        for db in self.databases:
+            if db.name == name:
+                return db
+        raise KeyError(name)
+
+    def table(self, name: str) -> TableSpec | None:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        return None
+
+    def with_tables(self, *specs: TableSpec) -> Config:
+        """A copy with ``specs`` added (or replacing tables of the same name)."""
+        names = {s.name for s in specs}
+        return replace(self, tables=tuple(t for t in self.tables if t.name not in names) + specs)
+
+    # -- validation -------------------------------------------------------------
+    def _validate(self) -> None:
+        if not self.databases:
+            raise ConfigError("databases", "at least one shard database is required")
+        seen: set[str] = set()
+        node_names: set[str] = set()
+        for db in self.databases:
+            where = f"databases.{db.name}"
+            if db.name in seen:
+                raise ConfigError(where, "duplicate shard database name")
+            seen.add(db.name)
+            if db.primary is None:
+                raise ConfigError(f"{where}.primary", "missing primary DSN")
+            backends = {n.backend for n in db.nodes}
+            if len(backends) > 1:
+                raise ConfigError(where, f"primary and replicas use different backends: {sorted(backends)}")
+            for i, node in enumerate(db.nodes):
+                nwhere = f"{where}.primary" if i == 0 else f"{where}.replicas[{i - 1}]"
+                if node.weight <= 0:
+                    raise ConfigError(f"{nwhere}.weight", f"must be > 0, got {node.weight}")
+                if node.name in node_names:
+                    raise ConfigError(f"{nwhere}.name", f"duplicate node name {node.name!r}")
+                node_names.add(node.name)
+                node.pool.validate(f"{nwhere}.pool")
+        if self.balancing not in POLICIES:
+            raise ConfigError(
+                "dal.balancing", f"unknown policy {self.balancing!r}; expected one of {list(POLICIES)}"
+            )
+        if self.max_rows_scanned < 1:
+            raise ConfigError("dal.max_rows_scanned", "must be >= 1")
+        if self.fanout_concurrency < 1:
+            raise ConfigError("dal.fanout_concurrency", "must be >= 1")
+        tnames: set[str] = set()
+        for t in self.tables:
+            where = f"tables.{t.name}"
+            if t.name in tnames:
+                raise ConfigError(where, "duplicate table name")
+            tnames.add(t.name)
+            if not _IDENT.match(t.name):
+                raise ConfigError(where, "table names must be identifiers ([A-Za-z_][A-Za-z0-9_]*)")
+            if t.is_global:
+                if t.database is None:
+                    raise ConfigError(where, "needs shard_key (sharded) or database (global)")
+                if t.database not in seen:
+                    raise ConfigError(f"{where}.database", f"unknown database {t.database!r}")
+                if t.table_shards != 1 or t.slot_map or t.databases:
+                    raise ConfigError(where, "a global table (no shard_key) cannot set table_shards, databases or slot_map")
+                continue
+            if t.database is not None:
+                raise ConfigError(f"{where}.database", "only global tables (without shard_key) take database")
+            if type(t.table_shards) is not int or t.table_shards < 1:
+                raise ConfigError(f"{where}.table_shards", f"must be an integer >= 1, got {t.table_shards!r}")
+            for d in t.databases or ():
+                if d not in seen:
+                    raise ConfigError(f"{where}.databases", f"unknown database {d!r}")
+            if t.databases is not None and len(set(t.databases)) != len(t.databases):
+                raise ConfigError(f"{where}.databases", "lists a database twice")
+            if t.databases is not None and not t.databases:
+                raise ConfigError(f"{where}.databases", "must not be empty")
+
+    # -- loaders ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> Config:
+        """Build from the TOML-shaped mapping described in the module docstring.
+
+        ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+        """
+        env = os.environ if env is None else env
+        data = dict(data)
+        _only(data, {"dal", "pool", "databases", "tables"}, "")
+        top = dict(data.get("dal") or {})
+        _only(top, {"balancing", "max_rows_scanned", "fanout_concurrency", "metadata"}, "dal")
+        default_pool = _pool(data.get("pool") or {}, "pool", PoolSettings())
+        databases = tuple(
+            _database(name, raw, default_pool, env)
+            for name, raw in _named_items(data.get("databases"), "databases")
+        )
+        tables = tuple(_table(name, raw) for name, raw in _named_items(data.get("tables"), "tables"))
+        kwargs: dict[str, Any] = {}
+        for key, typ in (("balancing", str), ("max_rows_scanned", int), ("fanout_concurrency", int), ("metadata", str)):
+            if key in top:
+                kwargs[key] = _typed(top[key], typ, f"dal.{key}")
+        return cls(databases=databases, tables=tables, **kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+        """Load ``path`` (a ``dal.toml``)."""
+        try:
+            with Path(path).open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(str(path), "file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+        return cls.from_dict(data, env=env)
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _only(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown setting; expected one of {sorted(allowed)}")
+
+
+def _typed(value: Any, typ: type, where: str) -> Any:
+    if typ is float and type(value) is int:
+        return float(value)
+    if type(value) is not typ:
+        raise ConfigError(where, f"expected {typ.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _named_items(raw: Any, where: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """Accept ``{name: {...}}`` or ``[{name: ..., ...}]``; duplicates are caught by Config."""
+    if raw is None:
+        return []
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, Sequence) and not isinstance(raw, str):
+        items = []
+        for i, entry in enumerate(raw):
+            if not isinstance(entry, Mapping) or "name" not in entry:
+                raise ConfigError(f"{where}[{i}]", "each entry needs a name")
+            rest = {k: v for k, v in entry.items() if k != "name"}
+            items.append((entry["name"], rest))
+    else:
+        raise ConfigError(where, "expected a table of named entries")
+    for name, body in items:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(where, f"invalid name {name!r}")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}.{name}", "expected a table")
+    return items
+
+
+_POOL_TYPES: dict[str, type] = {
+    f.name: (float if "float" in str(f.type) else int) for f in fields(PoolSettings)
+}
+
+
+def _pool(raw: Mapping[str, Any], where: str, base: PoolSettings) -> PoolSettings:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, "expected a table")
+    _only(raw, set(_POOL_TYPES), where)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None and "None" in str(PoolSettings.__dataclass_fields__[key].type):
+            values[key] = None
+        else:
+            values[key] = _typed(value, _POOL_TYPES[key], f"{where}.{key}")
+    settings = replace(base, **values)
+    settings.validate(where)
+    return settings
+
+
+def _env_name(db: str) -> str:
+    return "DAL_" + re.sub(r"[^A-Za-z0-9]", "_", db).upper()
+
+
+def _database(name: str, raw: Mapping[str, Any], default_pool: PoolSettings, env: Mapping[str, str]) -> DatabaseSpec:
+    where = f"databases.{name}"
+    _only(raw, {"primary", "replicas", "pool"}, where)
+    pool = _pool(raw.get("pool") or {}, f"{where}.pool", default_pool)
+    prefix = _env_name(name)
+    primary_raw = env.get(f"{prefix}_PRIMARY", raw.get("primary"))
+    if not primary_raw:
+        raise ConfigError(f"{where}.primary", "missing primary DSN")
+    primary = _node(f"{name}.primary", primary_raw, "primary", pool, f"{where}.primary")
+    replicas_raw: Any = raw.get("replicas") or []
+    if f"{prefix}_REPLICAS" in env:
+        replicas_raw = [s.strip() for s in env[f"{prefix}_REPLICAS"].split(",") if s.strip()]
+    if not isinstance(replicas_raw, list):
+        raise ConfigError(f"{where}.replicas", "expected a list")
+    replicas = tuple(
+        _node(f"{name}.replica{i}", r, "replica", pool, f"{where}.replicas[{i}]")
+        for i, r in enumerate(replicas_raw)
+    )
+    return DatabaseSpec(name=name, primary=primary, replicas=replicas)
+
+
+def _node(default_name: str, raw: Any, role: Literal["primary", "replica"], pool: PoolSettings, where: str) -> NodeSpec:
+    if isinstance(raw, str):
+        return NodeSpec(default_name, DSN(raw, field_name=where), role, 1, pool)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, "expected a DSN string or a table with dsn")
+    _only(raw, {"dsn", "weight", "name", "pool"}, where)
+    if "dsn" not in raw:
+        raise ConfigError(f"{where}.dsn", "missing DSN")
+    weight = _typed(raw.get("weight", 1), int, f"{where}.weight")
+    if weight <= 0:
+        raise ConfigError(f"{where}.weight", f"must be > 0, got {weight}")
+    name = _typed(raw.get("name", default_name), str, f"{where}.name")
+    node_pool = _pool(raw.get("pool") or {}, f"{where}.pool", pool)
+    return NodeSpec(name, DSN(raw["dsn"], field_name=f"{where}.dsn"), role, weight, node_pool)
+
+
+def _table(name: str, raw: Mapping[str, Any]) -> TableSpec:
+    where = f"tables.{name}"
+    _only(raw, {"shard_key", "table_shards", "databases", "slot_map", "database"}, where)
+    shard_key = raw.get("shard_key")
+    if shard_key is not None:
+        shard_key = _typed(shard_key, str, f"{where}.shard_key")
+    shards = raw.get("table_shards", 1)
+    if type(shards) is not int:
+        raise ConfigError(f"{where}.table_shards", f"expected an integer, got {type(shards).__name__}")
+    dbs = raw.get("databases")
+    if dbs is not None:
+        if not isinstance(dbs, list) or not all(isinstance(d, str) for d in dbs):
+            raise ConfigError(f"{where}.databases", "expected a list of database names")
+        dbs = tuple(dbs)
+    slot_map = raw.get("slot_map")
+    if slot_map is not None:
+        if not isinstance(slot_map, Mapping):
+            raise ConfigError(f"{where}.slot_map", "expected a table of database = [slots]")
+        slot_map = {k: tuple(v) for k, v in slot_map.items()}
+    database = raw.get("database")
+    if database is not None:
+        database = _typed(database, str, f"{where}.database")
+    return TableSpec(name, shard_key, shards, dbs, slot_map, database)
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """A :class:`Config` from a path to TOML, a mapping, or a Config (returned as is)."""
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return Config.from_dict(source, env=env)
+    return Config.from_toml(source, env=env)

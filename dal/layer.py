@@ -1,0 +1,192 @@
+"""The :class:`DataLayer`: the one object an application holds.
+
+It joins configuration and declared tables, owns the router, the cluster
+(pools) and the compiled statements, and hands out repositories::
+
+    async with DataLayer("dal.toml", metadata) as layer:
+        users = layer.repository("users")
+        await users.insert({"id": 1, "name": "Ada"})
+        row = await users.get(1)
+
+Nothing connects before :meth:`start` (or ``async with``); :meth:`aclose`
+closes every pool. Time and randomness are injected (``clock=``, ``rng=``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import sqlalchemy as sa
+from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
+
+from dal.cluster import Cluster
+from dal.config import Backend, Config, load_config
+from dal.errors import ConfigError
+from dal.repository import Repository
+from dal.routing.router import Router
+from dal.schema import LogicalTable, bind_tables
+from dal.sql import Statements, make_dialect
+
+R = TypeVar("R", bound=Repository[Any])
+
+
+class _PrimaryScope:
+    """``with``/``async with`` scope in which reads go to primaries."""
+
+    __slots__ = ("_token", "_var")
+
+    def __init__(self, var: contextvars.ContextVar[bool]) -> None:
+        self._var = var
+        self._token: contextvars.Token[bool] | None = None
+
+    def __enter__(self) -> None:
+        self._token = self._var.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        self._var.reset(self._token)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
+
+
+def import_metadata(path: str) -> sa.MetaData:
+    """Import ``"package.module:attribute"`` and return the MetaData it names."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError("dal.metadata", f"expected 'module:attribute', got {path!r}")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("dal.metadata", f"cannot import {path!r}: {exc}") from exc
+    if not isinstance(obj, sa.MetaData):
+        raise ConfigError("dal.metadata", f"{path!r} is a {type(obj).__name__}, not sqlalchemy.MetaData")
+    return obj
+
+
+class DataLayer:
+    """Routing, sharding and repositories over one topology."""
+
+    def __init__(
+        self,
+        config: Config | Mapping[str, Any] | str | os.PathLike[str],
+        metadata: sa.MetaData | Iterable[sa.Table] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = load_config(config, env=env)
+        if metadata is None:
+            if self.config.metadata is None:
+                metadata = sa.MetaData()
+                if self.config.tables:
+                    raise ConfigError("dal.metadata", "tables are configured but no MetaData was given")
+            else:
+                metadata = import_metadata(self.config.metadata)
+        self._tables = bind_tables(self.config, metadata)
+        self.router = Router(self._tables)
+        self.cluster = Cluster(self.config, clock=clock, rng=rng)
+        self._dialects = {b: make_dialect(b) for b in {d.backend for d in self.config.databases}}
+        self._statements: dict[tuple[str, Backend], Statements] = {}
+        self._read_primary: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"dal.read_primary.{id(self):x}", default=False
+        )
+        self._fanout = asyncio.Semaphore(self.config.fanout_concurrency)
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the pools (``min_size`` connections per node). Idempotent."""
+        if not self._started:
+            self._started = True
+            await self.cluster.start()
+
+    async def aclose(self) -> None:
+        """Close every pool."""
+        self._started = False
+        await self.cluster.aclose()
+
+    async def __aenter__(self) -> DataLayer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- API --------------------------------------------------------------------------
+    @property
+    def tables(self) -> Mapping[str, LogicalTable]:
+        return self._tables
+
+    @overload
+    def repository(self, table: str, *, row_type: type[Any] | None = None) -> Repository[Any]: ...
+
+    @overload
+    def repository(self, table: type[R], *, row_type: type[Any] | None = None) -> R: ...
+
+    def repository(self, table: str | type[Repository[Any]], *, row_type: type[Any] | None = None) -> Repository[Any]:
+        """A repository for a declared table name, or an instance of a Repository subclass."""
+        if isinstance(table, type):
+            if table.table_name is None:
+                raise ConfigError(table.__name__, "a Repository subclass needs table_name")
+            return table(self, self.router.table(table.table_name), row_type=row_type)
+        return Repository(self, self.router.table(table), row_type=row_type)
+
+    def read_primary(self) -> _PrimaryScope:
+        """A scope (``with`` or ``async with``) in which every read goes to a primary."""
+        return _PrimaryScope(self._read_primary)
+
+    def statements(self, table: LogicalTable, database: str) -> Statements:
+        """Compiled statements for ``table`` on the backend of ``database`` (cached)."""
+        backend = self.cluster.backend(database)
+        key = (table.name, backend)
+        st = self._statements.get(key)
+        if st is None:
+            st = self._statements[key] = Statements(table, self._dialects[backend])
+        return st
+
+    # -- schema (for development, tests and the demo; production uses `dal migrate`) ------
+    def ddl(self, *, drop: bool = False) -> dict[str, list[str]]:
+        """The DDL that creates (or drops) every physical table, per shard database."""
+        out: dict[str, list[str]] = {db: [] for db in self.cluster.databases}
+        for t in self._tables.values():
+            for placement, physical in zip(t.placements, t.physical, strict=True):
+                dialect = self._dialects[self.cluster.backend(placement.database)]
+                stmts = out[placement.database]
+                if drop:
+                    stmts.append(str(DropTable(physical, if_exists=True).compile(dialect=dialect)))
+                    continue
+                stmts.append(str(CreateTable(physical, if_not_exists=True).compile(dialect=dialect)).strip())
+                for index in sorted(physical.indexes, key=lambda i: str(i.name)):
+                    stmts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)))
+        return out
+
+    async def create_all(self) -> None:
+        """Create every physical table on every primary (if missing)."""
+        await self._run_ddl(self.ddl())
+
+    async def drop_all(self) -> None:
+        """Drop every physical table on every primary (if present)."""
+        await self._run_ddl(self.ddl(drop=True))
+
+    async def _run_ddl(self, ddl: Mapping[str, list[str]]) -> None:
+        async def run(db: str, stmts: list[str]) -> None:
+            node = self.cluster.primary(db)
+            for stmt in stmts:
+                await node.execute(stmt, ())
+
+        await asyncio.gather(*(run(db, stmts) for db, stmts in ddl.items()))

@@ -1,0 +1,481 @@
+"""Repositories: the public API over one logical table.
+
+A :class:`Repository` validates what the caller passes (before any I/O), asks
+the router where it goes, takes compiled SQL from :mod:`dal.sql`, and has the
+cluster run it. Reads go to a replica unless told otherwise
+(``primary=True``, :meth:`DataLayer.read_primary`, or inside a transaction);
+writes go to the primary.
+
+Queries without a shard key fan out to every physical table, at most
+``fanout_concurrency`` at a time, and are merged with a k-way merge on
+``order_by``; ``limit``/``offset`` are applied after the merge (each table is
+asked for ``limit + offset`` rows). Fan-outs read at most ``max_rows_scanned``
+rows, else :class:`~dal.errors.ScanLimitExceededError`.
+
+Ordering contract: rows are ordered by ``order_by`` and then by the primary
+key, so pages are deterministic; NULLs sort first ascending and last
+descending on every backend. Cross-shard merging compares values in Python,
+so for text columns under a case-insensitive collation (MySQL's default) the
+merged order of values differing only in case may differ from the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import is_dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+
+from dal.backends.base import Connection, Row
+from dal.errors import (
+    CrossShardTransactionError,
+    ScanLimitExceededError,
+    TransactionError,
+    ValidationError,
+)
+from dal.routing.router import Role, Target
+from dal.schema import LogicalTable
+from dal.sql import Compiled, Filter, Query, Statements
+
+if TYPE_CHECKING:
+    from dal.layer import DataLayer
+
+RowT = TypeVar("RowT")
+T = TypeVar("T")
+
+_CHUNK = 500  # keys per IN list: well under every backend's parameter limit
+
+
+class _Tx:
+    """The state of one single-shard transaction shared by its bound repositories."""
+
+    __slots__ = ("conn", "database", "failure", "open")
+
+    def __init__(self, database: str, conn: Connection) -> None:
+        self.database = database
+        self.conn = conn
+        self.open = True
+        self.failure: str | None = None
+
+    def check(self, target: Target, table: str) -> Connection:
+        if not self.open:
+            raise TransactionError("the transaction has already ended")
+        if self.failure is not None:
+            raise TransactionError(f"the transaction is rolled back: {self.failure}")
+        if target.database != self.database:
+            self.failure = (
+                f"{table} routes to shard database {target.database!r}, "
+                f"but the transaction is on {self.database!r}"
+            )
+            raise CrossShardTransactionError(self.failure + "; the transaction is rolled back")
+        return self.conn
+
+
+async def gather_bounded(
+    jobs: Sequence[Callable[[], Awaitable[T]]], limit: asyncio.Semaphore
+) -> list[T]:
+    """Run ``jobs`` concurrently under ``limit``; the first failure cancels the rest and is raised as is."""
+    if len(jobs) == 1:
+        async with limit:
+            return [await jobs[0]()]
+
+    async def run(job: Callable[[], Awaitable[T]]) -> T:
+        async with limit:
+            return await job()
+
+    tasks = [asyncio.ensure_future(run(j)) for j in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class Repository(Generic[RowT]):
+    """Operations on one logical table.
+
+    Get one with ``layer.repository("users")``, or subclass to fix the table
+    and row type::
+
+        @dataclass
+        class User: id: int; name: str
+
+        class Users(Repository[User]):
+            table_name = "users"
+            row_type = User
+
+        users = layer.repository(Users)
+
+    Keys are primary keys: a scalar, or a tuple in primary-key column order
+    for composite keys (which always include the shard key).
+    """
+
+    table_name: ClassVar[str | None] = None
+    row_type: ClassVar[type[Any] | None] = None
+
+    def __init__(
+        self,
+        layer: DataLayer,
+        table: LogicalTable,
+        *,
+        row_type: type[Any] | None = None,
+        _tx: _Tx | None = None,
+    ) -> None:
+        self._layer = layer
+        self._table = table
+        self._router = layer.router
+        self._cluster = layer.cluster
+        self._tx = _tx
+        rt = row_type if row_type is not None else type(self).row_type
+        if rt is not None and rt is not dict and not is_dataclass(rt):
+            raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
+        self._row_type = None if rt is dict else rt
+        self._stmts: tuple[Statements, ...] = tuple(
+            layer.statements(table, p.database) for p in table.placements
+        )
+
+    @property
+    def table(self) -> LogicalTable:
+        return self._table
+
+    def repository(self, table: str) -> Repository[dict[str, Any]]:
+        """A repository for another table; inside a transaction it shares the transaction."""
+        return Repository(self._layer, self._router.table(table), _tx=self._tx)
+
+    # -- plumbing ----------------------------------------------------------------
+    def _role(self, primary: bool) -> Role:
+        if primary or self._layer._read_primary.get():
+            return Role.PRIMARY
+        return Role.REPLICA
+
+    def _out(self, row: dict[str, Any]) -> RowT:
+        rt = self._row_type
+        return cast(RowT, row if rt is None else rt(**row))
+
+    def _key_target(self, key: object, role: Role) -> tuple[Target, tuple[Any, ...]]:
+        t = self._table
+        kv = t.key_values(key)
+        shard_value = kv[t._shard_key_index] if t.sharder is not None else None
+        return self._router.route(t, shard_value, role), kv
+
+    async def _fetch_one(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> Row | None:
+        if self._tx is not None:
+            return await self._tx.check(target, self._table.name).fetch_one(c.sql, params)
+        return await self._cluster.node(target).fetch_one(c.sql, params)
+
+    async def _fetch_all(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> list[Row]:
+        if self._tx is not None:
+            return await self._tx.check(target, self._table.name).fetch_all(c.sql, params)
+        return await self._cluster.node(target).fetch_all(c.sql, params)
+
+    async def _execute(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> int:
+        if self._tx is not None:
+            return await self._tx.check(target, self._table.name).execute(c.sql, params)
+        return await self._cluster.node(target).execute(c.sql, params)
+
+    def _check_targets(self, targets: Iterable[Target]) -> None:
+        if self._tx is not None:
+            for target in targets:
+                self._tx.check(target, self._table.name)
+
+    # -- reads by key --------------------------------------------------------------
+    async def get(self, key: Any, *, primary: bool = False) -> RowT | None:
+        """The row with primary key ``key``, or ``None``."""
+        target, kv = self._key_target(key, self._role(primary))
+        st = self._stmts[target.slot]
+        c = st.get[target.slot]
+        row = await self._fetch_one(target, c, c.params(st.key_params(kv)))
+        return None if row is None else self._out(st.row(row))
+
+    async def get_many(self, keys: Iterable[Any], *, primary: bool = False) -> dict[Any, RowT]:
+        """Rows for ``keys`` (missing ones are absent), keyed by key.
+
+        One query per physical table (in chunks of 500 keys), run concurrently.
+        """
+        t = self._table
+        keys = list(keys)
+        checked = {}
+        for key in keys:
+            if key not in checked:
+                checked[key] = t.key_values(key)
+        groups = self._router.group(t, checked, self._role(primary))
+        self._check_targets(groups)
+        jobs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = []
+        for target, group in groups.items():
+            for i in range(0, len(group), _CHUNK):
+                chunk = [checked[k] for k in group[i : i + _CHUNK]]
+                jobs.append(self._get_chunk_job(target, chunk))
+        out: dict[Any, RowT] = {}
+        for rows in await gather_bounded(jobs, self._layer._fanout):
+            for row in rows:
+                out[t.key_of(row)] = self._out(row)
+        return out
+
+    def _get_chunk_job(
+        self, target: Target, chunk: list[tuple[Any, ...]]
+    ) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+        st = self._stmts[target.slot]
+        c = st.get_many(target.slot, len(chunk))
+        params = c.params(st.get_many_params(chunk))
+
+        async def job() -> list[dict[str, Any]]:
+            return [st.row(r) for r in await self._fetch_all(target, c, params)]
+
+        return job
+
+    # -- writes ---------------------------------------------------------------------
+    def _row_target(self, row: object) -> tuple[Target, dict[str, Any]]:
+        t = self._table
+        values = t.row_values(row)
+        shard_value = values[t.shard_key] if t.shard_key is not None else None
+        return self._router.route(t, shard_value, Role.PRIMARY), values
+
+    async def insert(self, row: Mapping[str, Any] | Any) -> None:
+        """Insert one row; :class:`~dal.errors.DuplicateKeyError` when its key exists."""
+        target, values = self._row_target(row)
+        st = self._stmts[target.slot]
+        c = st.insert(target.slot, tuple(values))
+        await self._execute(target, c, c.params(values))
+
+    async def upsert(self, row: Mapping[str, Any] | Any) -> None:
+        """Insert one row, or overwrite the given columns of the row with its key."""
+        target, values = self._row_target(row)
+        st = self._stmts[target.slot]
+        c = st.upsert(target.slot, tuple(values))
+        await self._execute(target, c, c.params(values))
+
+    async def update(self, key: Any, values: Mapping[str, Any]) -> bool:
+        """Set ``values`` on the row with ``key``; ``False`` when there is no such row."""
+        target, kv = self._key_target(key, Role.PRIMARY)
+        vals = self._table.update_values(values)
+        st = self._stmts[target.slot]
+        c = st.update(target.slot, tuple(vals))
+        params = st.key_params(kv)
+        params.update({f"v_{k}": v for k, v in vals.items()})
+        return await self._execute(target, c, c.params(params)) > 0
+
+    async def delete(self, key: Any) -> bool:
+        """Delete the row with ``key``; ``False`` when there was none."""
+        target, kv = self._key_target(key, Role.PRIMARY)
+        st = self._stmts[target.slot]
+        c = st.delete[target.slot]
+        return await self._execute(target, c, c.params(st.key_params(kv))) > 0
+
+    # -- queries ---------------------------------------------------------------------
+    def _query(
+        self,
+        where: Mapping[str, Any] | None,
+        order_by: str | Sequence[str],
+        limit: int | None,
+        offset: int,
+        after: Mapping[str, Any] | None,
+    ) -> Query:
+        t = self._table
+        conditions: list[tuple[str, Filter]] = []
+        for name, cond in (where or {}).items():
+            col = t.column(name)
+            f = cond if isinstance(cond, Filter) else (Filter("is_null") if cond is None else Filter("eq", cond))
+            if f.op == "in":
+                for v in f.value:
+                    t.check_value(col, v)
+            elif f.op == "like":
+                if not isinstance(f.value, str):
+                    raise ValidationError(f"{t.name}.{col}: like() takes a str pattern")
+            elif f.op not in ("is_null", "not_null"):
+                if f.value is None:
+                    raise ValidationError(f"{t.name}.{col}: compare with None using is_null()/not_null()")
+                t.check_value(col, f.value)
+            conditions.append((col, f))
+        if isinstance(order_by, str):
+            order_by = [order_by]
+        order: list[tuple[str, bool]] = []
+        for item in order_by:
+            if type(item) is not str:
+                raise ValidationError(f"order_by takes column names, got {type(item).__name__}")
+            desc = item.startswith("-")
+            col = t.column(item[1:] if desc else item)
+            if all(col != o for o, _ in order):
+                order.append((col, desc))
+        for col in t.primary_key:  # a total order: deterministic pages and keyset cursors
+            if all(col != o for o, _ in order):
+                order.append((col, False))
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValidationError(f"limit must be an int >= 0, got {limit!r}")
+        if type(offset) is not int or offset < 0:
+            raise ValidationError(f"offset must be an int >= 0, got {offset!r}")
+        cursor: tuple[Any, ...] | None = None
+        if after is not None:
+            if not isinstance(after, Mapping):
+                raise ValidationError("after must be a mapping (e.g. the last row of the previous page)")
+            values = []
+            for col, _ in order:
+                if col not in after or after[col] is None:
+                    raise ValidationError(
+                        f"after needs a non-NULL value for every order column {[c for c, _ in order]}; missing {col!r}"
+                    )
+                t.check_value(col, after[col])
+                values.append(after[col])
+            cursor = tuple(values)
+        return Query(tuple(conditions), tuple(order), limit, offset, cursor)
+
+    def _targets(self, query: Query, role: Role) -> tuple[Target, ...]:
+        """Only the physical tables a shard-key condition allows; all of them otherwise."""
+        t = self._table
+        if t.sharder is not None:
+            for col, f in query.conditions:
+                if col != t.shard_key:
+                    continue
+                if f.op == "eq":
+                    return (self._router.route(t, f.value, role),)
+                if f.op == "in":
+                    slots = sorted({t.sharder.slot(v) for v in f.value})
+                    return tuple(self._router.route_slot(t, s, role) for s in slots)
+        return self._router.route_all(t, role)
+
+    async def find(
+        self,
+        where: Mapping[str, Any] | None = None,
+        *,
+        order_by: str | Sequence[str] = (),
+        limit: int | None = None,
+        offset: int = 0,
+        after: Mapping[str, Any] | None = None,
+        primary: bool = False,
+    ) -> list[RowT]:
+        """Rows matching ``where``, ordered by ``order_by`` then the primary key.
+
+        ``order_by`` takes column names, ``"-name"`` for descending. ``after``
+        is a keyset cursor: pass the last row of the previous page to get the
+        rows that follow it (cheaper than a growing ``offset``).
+        """
+        query = self._query(where, order_by, limit, offset, after)
+        targets = self._targets(query, self._role(primary))
+        self._check_targets(targets)
+        cap = self._layer.config.max_rows_scanned
+        values = query.values()
+        if len(targets) == 1:
+            # One physical table: the server applies limit and offset itself.
+            target = targets[0]
+            st = self._stmts[target.slot]
+            lim = cap + 1 if limit is None else min(limit, cap + 1)
+            c = st.select(target.slot, query)
+            params = dict(values, lim=lim, off=offset)
+            rows = await self._fetch_all(target, c, c.params(params))
+            if len(rows) > cap:
+                raise ScanLimitExceededError(self._table.name, cap)
+            return [self._out(st.row(r)) for r in rows]
+        window = cap + 1 if limit is None else min(limit + offset, cap + 1)
+        scanned = 0
+
+        def job(target: Target) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+            st = self._stmts[target.slot]
+            c = st.select(target.slot, query, fanout=True)
+            params = c.params(dict(values, lim=window))
+
+            async def run() -> list[dict[str, Any]]:
+                nonlocal scanned
+                rows = await self._fetch_all(target, c, params)
+                scanned += len(rows)
+                if scanned > cap:
+                    raise ScanLimitExceededError(self._table.name, cap)
+                return [st.row(r) for r in rows]
+
+            return run
+
+        parts = await gather_bounded([job(t) for t in targets], self._layer._fanout)
+        merged = heapq.merge(*parts, key=_sort_key(query.order))
+        end = None if limit is None else offset + limit
+        out = []
+        for i, row in enumerate(merged):
+            if end is not None and i >= end:
+                break
+            if i >= offset:
+                out.append(self._out(row))
+        return out
+
+    async def count(self, where: Mapping[str, Any] | None = None, *, primary: bool = False) -> int:
+        """The number of rows matching ``where`` (summed over the physical tables it touches)."""
+        query = self._query(where, (), None, 0, None)
+        targets = self._targets(query, self._role(primary))
+        self._check_targets(targets)
+        values = query.values()
+
+        def job(target: Target) -> Callable[[], Awaitable[int]]:
+            st = self._stmts[target.slot]
+            c = st.select(target.slot, query, count=True)
+            params = c.params(values)
+
+            async def run() -> int:
+                row = await self._fetch_one(target, c, params)
+                return int(row[0]) if row is not None else 0
+
+            return run
+
+        return sum(await gather_bounded([job(t) for t in targets], self._layer._fanout))
+
+    # -- transactions --------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def transaction(self, shard_value: Any) -> AsyncIterator[Repository[RowT]]:
+        """A single-shard transaction on the shard database that holds ``shard_value``.
+
+        ``shard_value`` is a value of the table's shard key (for a table keyed by
+        its shard key, simply the key). The yielded repository, and those it
+        returns from :meth:`repository`, run on one connection to that
+        database's primary; everything commits at the end of the block or rolls
+        back on error. An operation that routes to another shard database raises
+        :class:`~dal.errors.CrossShardTransactionError` and rolls back.
+        """
+        if self._tx is not None:
+            raise TransactionError("transactions do not nest")
+        t = self._table
+        if t.sharder is not None:
+            t.check_value(t.shard_key, shard_value)  # type: ignore[arg-type]
+        target = self._router.route(t, shard_value, Role.PRIMARY)
+        node = self._cluster.node(target)
+        async with node.transaction() as conn:
+            tx = _Tx(target.database, conn)
+            bound: Repository[RowT] = type(self).__new__(type(self))
+            Repository.__init__(bound, self._layer, t, row_type=self._row_type or dict, _tx=tx)
+            try:
+                yield bound
+            finally:
+                tx.open = False
+            if tx.failure is not None:
+                raise TransactionError(f"the transaction was rolled back: {tx.failure}")
+
+
+class _Desc:
+    """Inverts comparisons for a descending key; NULLs (None) go last."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+    def __lt__(self, other: _Desc) -> bool:
+        return bool(self.v > other.v)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and bool(self.v == other.v)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _sort_key(order: Sequence[tuple[str, bool]]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """Sort key matching the SQL order: NULLs first ascending, last descending."""
+
+    def key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for col, desc in order:
+            v = row[col]
+            if desc:
+                parts.append((v is None, _Desc(v) if v is not None else 0))
+            else:
+                parts.append((v is not None, v if v is not None else 0))
+        return tuple(parts)
+
+    return key

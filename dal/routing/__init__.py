@@ -1,0 +1,1 @@
+"""Pure routing: shard placement, replica balancing, target computation."""

@@ -1,0 +1,286 @@
+"""Logical tables bound to their placement, and validation of caller values.
+
+A :class:`LogicalTable` joins three things: the SQLAlchemy ``Table`` the app
+declared (columns, types, primary key, indexes), the :class:`~dal.config.TableSpec`
+that says how it is placed, and the :class:`~dal.routing.sharding.Sharder` that
+computes placements. It also knows the physical tables (``users_0`` ...), which
+share the logical table's columns, and checks every value a caller passes
+against the declared column before anything is sent.
+
+Identifiers in SQL come only from here: a column name a caller passes is looked
+up in the declared table and rejected with
+:class:`~dal.errors.UnknownColumnError` when absent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from dal.config import Config, TableSpec
+from dal.errors import ConfigError, ShardKeyError, UnknownColumnError, ValidationError
+from dal.routing.sharding import (
+    Placement,
+    Sharder,
+    contiguous_slot_map,
+    encode_key,
+    explicit_slot_map,
+)
+
+Checker = Callable[[Any], str | None]
+"""Returns a problem description for a bad value, ``None`` for a good one."""
+
+
+def _checker_for(column: sa.Column[Any]) -> Checker:
+    """A cheap type/length check for ``column``; unknown types are accepted as is."""
+    try:
+        py = column.type.python_type
+    except NotImplementedError:
+        py = object
+    length = getattr(column.type, "length", None)
+    nullable = bool(column.nullable)
+    tname = type(column.type).__name__
+
+    def need(kinds: tuple[type, ...], label: str) -> Checker:
+        def check(v: Any) -> str | None:
+            if v is None:
+                return None if nullable else "must not be NULL"
+            if type(v) is bool and bool not in kinds:
+                return f"expects {label}, got bool"
+            if not isinstance(v, kinds):
+                return f"expects {label}, got {type(v).__name__}"
+            if length is not None and isinstance(v, str | bytes | bytearray) and len(v) > length:
+                return f"value of length {len(v)} exceeds {tname}({length})"
+            return None
+
+        return check
+
+    if py is bool:
+        return need((bool,), "bool")
+    if py is int:
+        return need((int,), "int")
+    if py is float:
+        return need((int, float, decimal.Decimal), "a number")
+    if py is decimal.Decimal:
+        return need((int, float, decimal.Decimal), "a number")
+    if py is str:
+        return need((str,), "str")
+    if py is bytes:
+        return need((bytes, bytearray, memoryview), "bytes")
+    if py is dt.datetime:
+        return need((dt.datetime,), "datetime")
+    if py is dt.date:
+        return need((dt.date,), "date")
+    if py is dt.time:
+        return need((dt.time,), "time")
+    if py is dt.timedelta:
+        return need((dt.timedelta,), "timedelta")
+    if py is uuid.UUID:
+        return need((uuid.UUID, str), "UUID")
+
+    def anything(v: Any) -> str | None:
+        if v is None and not nullable:
+            return "must not be NULL"
+        return None
+
+    return anything
+
+
+def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Table:
+    """A copy of ``logical`` named ``name`` in ``metadata``.
+
+    Named indexes and constraints get the physical name as suffix, because
+    PostgreSQL index names are unique per schema and several physical tables
+    share one database.
+    """
+    if name == logical.name:
+        copy = logical.to_metadata(metadata)
+    else:
+        copy = logical.to_metadata(metadata, name=name)
+        suffix = name[len(logical.name) :]
+        for idx in copy.indexes:
+            if idx.name is not None and not str(idx.name).startswith("ix_" + name):
+                idx.name = f"{idx.name}{suffix}"  # type: ignore[assignment]
+        for cons in copy.constraints:
+            if isinstance(cons.name, str) and cons.name:
+                cons.name = f"{cons.name}{suffix}"  # type: ignore[assignment]
+    return copy
+
+
+class LogicalTable:
+    """A declared table, its placement, its physical tables and its value checks."""
+
+    def __init__(self, spec: TableSpec, table: sa.Table, config: Config) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.table = table
+        where = f"tables.{spec.name}"
+        self.columns: tuple[str, ...] = tuple(c.name for c in table.columns)
+        pk = tuple(c.name for c in table.primary_key.columns)
+        if not pk:
+            raise ConfigError(where, "the declared table needs a primary key")
+        self.primary_key = pk
+        if spec.shard_key is not None:
+            if spec.shard_key not in table.c:
+                raise ConfigError(
+                    f"{where}.shard_key",
+                    f"{spec.shard_key!r} is not a column of {spec.name!r} (columns: {list(self.columns)})",
+                )
+            if spec.shard_key not in pk:
+                # Uniqueness is only enforceable inside one physical table, and a
+                # lookup by primary key must be able to route.
+                raise ConfigError(
+                    f"{where}.shard_key",
+                    f"the primary key {list(pk)} must include the shard key {spec.shard_key!r}",
+                )
+            dbs = spec.databases or tuple(d.name for d in config.databases)
+            if spec.slot_map is not None:
+                slot_dbs = explicit_slot_map(spec.name, spec.table_shards, spec.slot_map, dbs)
+            else:
+                slot_dbs = contiguous_slot_map(spec.table_shards, dbs)
+            self.sharder: Sharder | None = Sharder(spec.name, spec.table_shards, slot_dbs)
+            self.shard_key: str | None = spec.shard_key
+            self.placements: tuple[Placement, ...] = self.sharder.placements
+        else:
+            assert spec.database is not None
+            self.sharder = None
+            self.shard_key = None
+            self.placements = (Placement(0, spec.database, spec.name),)
+        self._shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
+        self._checkers: dict[str, Checker] = {c.name: _checker_for(c) for c in table.columns}
+        auto = table.autoincrement_column
+        self._required = tuple(
+            c.name
+            for c in table.columns
+            if not c.nullable and c.default is None and c.server_default is None and c is not auto
+        )
+        self._physical_md = sa.MetaData()
+        self.physical: tuple[sa.Table, ...] = tuple(
+            physical_table(table, p.table, self._physical_md) for p in self.placements
+        )
+
+    # -- placement -------------------------------------------------------------
+    @property
+    def is_global(self) -> bool:
+        return self.sharder is None
+
+    @property
+    def databases(self) -> tuple[str, ...]:
+        """The shard databases holding at least one physical table, in slot order."""
+        return tuple(dict.fromkeys(p.database for p in self.placements))
+
+    def place(self, shard_value: object) -> Placement:
+        """Placement of a row whose shard key is ``shard_value``."""
+        if self.sharder is None:
+            return self.placements[0]
+        return self.sharder.place(shard_value)
+
+    def shard_value_of_key(self, key: object) -> object:
+        """The shard key inside a primary key (scalar, or tuple for composite keys)."""
+        if len(self.primary_key) == 1:
+            return key
+        return key[self._shard_key_index]  # type: ignore[index]
+
+    # -- validation --------------------------------------------------------------
+    def column(self, name: object) -> str:
+        """``name`` if it is a declared column, else :class:`UnknownColumnError`."""
+        if type(name) is str and name in self._checkers:
+            return name
+        raise UnknownColumnError(f"table {self.name!r} has no column {name!r}")
+
+    def check_value(self, column: str, value: object) -> None:
+        problem = self._checkers[column](value)
+        if problem is not None:
+            raise ValidationError(f"{self.name}.{column}: {problem}")
+
+    def key_values(self, key: object) -> tuple[Any, ...]:
+        """Validate a primary key (scalar or tuple) and return its column values."""
+        pk = self.primary_key
+        if len(pk) == 1:
+            values: tuple[Any, ...] = (key,)
+        elif isinstance(key, tuple) and len(key) == len(pk):
+            values = key
+        else:
+            raise ValidationError(
+                f"{self.name}: the key must be a tuple of {len(pk)} values {list(pk)}, got {type(key).__name__}"
+            )
+        for col, v in zip(pk, values, strict=True):
+            if v is None:
+                raise (ShardKeyError if col == self.shard_key else ValidationError)(
+                    f"{self.name}.{col}: key value must not be None"
+                )
+            if col == self.shard_key:
+                encode_key(v, table=self.name)
+            self.check_value(col, v)
+        return values
+
+    def row_values(self, row: object, *, index: int | None = None) -> dict[str, Any]:
+        """Validate a full row for insert; returns a new dict of declared columns."""
+        data = as_mapping(row, self.name)
+        at = f" (row {index})" if index is not None else ""
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            if type(name) is not str or name not in self._checkers:
+                raise UnknownColumnError(f"table {self.name!r} has no column {name!r}{at}")
+            problem = self._checkers[name](value)
+            if problem is not None:
+                raise ValidationError(f"{self.name}.{name}: {problem}{at}")
+            out[name] = value
+        for name in self._required:
+            if name not in out:
+                raise ValidationError(f"{self.name}.{name}: required column missing{at}")
+        if self.shard_key is not None:
+            encode_key(out[self.shard_key], table=self.name)
+        return out
+
+    def update_values(self, values: object) -> dict[str, Any]:
+        """Validate a partial row for update; the primary key cannot change."""
+        data = as_mapping(values, self.name)
+        if not data:
+            raise ValidationError(f"{self.name}: update needs at least one column")
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            col = self.column(name)
+            if col in self.primary_key:
+                raise ValidationError(f"{self.name}.{col}: primary key columns cannot be updated")
+            self.check_value(col, value)
+            out[col] = value
+        return out
+
+    def key_of(self, row: Mapping[str, Any]) -> Any:
+        """The primary key of a row: a scalar, or a tuple for composite keys."""
+        if len(self.primary_key) == 1:
+            return row[self.primary_key[0]]
+        return tuple(row[c] for c in self.primary_key)
+
+
+def as_mapping(row: object, table: str) -> Mapping[str, Any]:
+    """Accept a mapping or a dataclass instance as a row."""
+    if isinstance(row, Mapping):
+        return row
+    if is_dataclass(row) and not isinstance(row, type):
+        return {f.name: getattr(row, f.name) for f in fields(row)}
+    raise ValidationError(f"{table}: a row must be a mapping or a dataclass, got {type(row).__name__}")
+
+
+def bind_tables(
+    config: Config, metadata: sa.MetaData | Iterable[sa.Table]
+) -> dict[str, LogicalTable]:
+    """Join every configured table with its declaration; ConfigError when one is missing."""
+    if isinstance(metadata, sa.MetaData):
+        declared = dict(metadata.tables)
+    else:
+        declared = {t.name: t for t in metadata}
+    out: dict[str, LogicalTable] = {}
+    for spec in config.tables:
+        table = declared.get(spec.name)
+        if table is None:
+            raise ConfigError(f"tables.{spec.name}", "no such table in the declared MetaData")
+        out[spec.name] = LogicalTable(spec, table, config)
+    return out
