@@ -160,6 +160,14 @@ class LogicalTable:
             for c in table.columns
             if not c.nullable and c.default is None and c.server_default is None and c is not auto
         )
+        # Python-side defaults (Column(default=...)/onupdate=...) that SQLAlchemy would
+        # apply at execution time; dal executes itself, so it applies them here.
+        self._defaults = tuple(
+            (c.name, c.default) for c in table.columns if isinstance(c.default, sa.ColumnDefault)
+        )
+        self._onupdate = tuple(
+            (c.name, c.onupdate) for c in table.columns if isinstance(c.onupdate, sa.ColumnDefault)
+        )
         self._physical_md = sa.MetaData()
         self.physical: tuple[sa.Table, ...] = tuple(
             physical_table(table, p.table, self._physical_md) for p in self.placements
@@ -232,6 +240,9 @@ class LogicalTable:
             if problem is not None:
                 raise ValidationError(f"{self.name}.{name}: {problem}{at}")
             out[name] = value
+        for name, default in self._defaults:
+            if name not in out:
+                out[name] = _default_value(default)
         for name in self._required:
             if name not in out:
                 raise ValidationError(f"{self.name}.{name}: required column missing{at}")
@@ -251,6 +262,9 @@ class LogicalTable:
                 raise ValidationError(f"{self.name}.{col}: primary key columns cannot be updated")
             self.check_value(col, value)
             out[col] = value
+        for name, default in self._onupdate:
+            if name not in out:
+                out[name] = _default_value(default)
         return out
 
     def key_of(self, row: Mapping[str, Any]) -> Any:
@@ -258,6 +272,11 @@ class LogicalTable:
         if len(self.primary_key) == 1:
             return row[self.primary_key[0]]
         return tuple(row[c] for c in self.primary_key)
+
+
+def _default_value(default: sa.ColumnDefault) -> Any:
+    # SQLAlchemy wraps every callable default to take an execution context.
+    return default.arg(None) if default.is_callable else default.arg
 
 
 def as_mapping(row: object, table: str) -> Mapping[str, Any]:
