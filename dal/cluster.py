@@ -31,6 +31,10 @@ from dal.routing.router import Role, Target
 log = logging.getLogger("dal.cluster")
 
 
+Observer = Callable[["Node", str], None]
+"""Called with the node and SQL text before each statement (instrumentation, demo, tests)."""
+
+
 class Node:
     """One server and its pool, with the counters a balancer and tests look at."""
 
@@ -41,6 +45,7 @@ class Node:
         "down_reason",
         "in_flight",
         "name",
+        "observer",
         "pool",
         "queries",
         "role",
@@ -59,7 +64,8 @@ class Node:
         self.available = True
         self.down_reason: str | None = None
         self.in_flight = 0
-        self.queries = 0  # statements run (transactions count each statement)
+        self.queries = 0  # statements run outside transactions
+        self.observer: Observer | None = None
 
     def __repr__(self) -> str:
         state = "up" if self.available else f"down: {self.down_reason}"
@@ -69,6 +75,8 @@ class Node:
         conn = await self.pool.acquire()
         self.in_flight += 1
         self.queries += 1
+        if self.observer is not None:
+            self.observer(self, sql)
         try:
             return await conn.fetch_one(sql, params)
         except BaseException as exc:
@@ -82,6 +90,8 @@ class Node:
         conn = await self.pool.acquire()
         self.in_flight += 1
         self.queries += 1
+        if self.observer is not None:
+            self.observer(self, sql)
         try:
             return await conn.fetch_all(sql, params)
         except BaseException as exc:
@@ -95,6 +105,8 @@ class Node:
         conn = await self.pool.acquire()
         self.in_flight += 1
         self.queries += 1
+        if self.observer is not None:
+            self.observer(self, sql)
         try:
             return await conn.execute(sql, params)
         except BaseException as exc:
@@ -216,6 +228,11 @@ class Cluster:
     @property
     def databases(self) -> list[str]:
         return list(self._groups)
+
+    def observe(self, observer: Observer | None) -> None:
+        """Call ``observer(node, sql)`` before every statement run outside a transaction."""
+        for node in self.nodes.values():
+            node.observer = observer
 
     # -- availability (health checks and breakers drive these) -----------------------
     def mark_down(self, name: str, reason: str) -> None:

@@ -160,10 +160,11 @@ class DataLayer:
         return st
 
     # -- schema (for development, tests and the demo; production uses `dal migrate`) ------
-    def ddl(self, *, drop: bool = False) -> dict[str, list[str]]:
-        """The DDL that creates (or drops) every physical table, per shard database."""
+    def ddl(self, tables: Iterable[str] | None = None, *, drop: bool = False) -> dict[str, list[str]]:
+        """The DDL that creates (or drops) the physical tables of ``tables`` (default: all), per shard database."""
         out: dict[str, list[str]] = {db: [] for db in self.cluster.databases}
-        for t in self._tables.values():
+        chosen = self._tables.values() if tables is None else [self.router.table(n) for n in tables]
+        for t in chosen:
             for placement, physical in zip(t.placements, t.physical, strict=True):
                 dialect = self._dialects[self.cluster.backend(placement.database)]
                 stmts = out[placement.database]
@@ -175,13 +176,13 @@ class DataLayer:
                     stmts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)))
         return out
 
-    async def create_all(self) -> None:
-        """Create every physical table on every primary (if missing)."""
-        await self._run_ddl(self.ddl())
+    async def create_all(self, tables: Iterable[str] | None = None) -> None:
+        """Create the physical tables of ``tables`` (default: all) on their primaries, if missing."""
+        await self._run_ddl(self.ddl(tables))
 
-    async def drop_all(self) -> None:
-        """Drop every physical table on every primary (if present)."""
-        await self._run_ddl(self.ddl(drop=True))
+    async def drop_all(self, tables: Iterable[str] | None = None) -> None:
+        """Drop the physical tables of ``tables`` (default: all) on their primaries, if present."""
+        await self._run_ddl(self.ddl(tables, drop=True))
 
     async def _run_ddl(self, ddl: Mapping[str, list[str]]) -> None:
         async def run(db: str, stmts: list[str]) -> None:

@@ -130,10 +130,12 @@ class Repository(Generic[RowT]):
         self._router = layer.router
         self._cluster = layer.cluster
         self._tx = _tx
-        rt = row_type if row_type is not None else type(self).row_type
-        if rt is not None and rt is not dict and not is_dataclass(rt):
+        rt: Any = row_type if row_type is not None else type(self).row_type
+        if rt is dict:
+            rt = None
+        if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
-        self._row_type = None if rt is dict else rt
+        self._row_type: type[Any] | None = cast("type[Any] | None", rt)
         self._stmts: tuple[Statements, ...] = tuple(
             layer.statements(table, p.database) for p in table.placements
         )

@@ -106,10 +106,10 @@ def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Ta
         suffix = name[len(logical.name) :]
         for idx in copy.indexes:
             if idx.name is not None and not str(idx.name).startswith("ix_" + name):
-                idx.name = f"{idx.name}{suffix}"  # type: ignore[assignment]
+                idx.name = sa.sql.elements.quoted_name(f"{idx.name}{suffix}", None)
         for cons in copy.constraints:
             if isinstance(cons.name, str) and cons.name:
-                cons.name = f"{cons.name}{suffix}"  # type: ignore[assignment]
+                cons.name = f"{cons.name}{suffix}"
     return copy
 
 

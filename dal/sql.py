@@ -38,10 +38,10 @@ def make_dialect(backend: Backend) -> Dialect:
     if backend == "mysql":
         from sqlalchemy.dialects.mysql.aiomysql import dialect as my
 
-        return my()  # type: ignore[no-untyped-call]
+        return my()
     from sqlalchemy.dialects.sqlite.aiosqlite import dialect as lite
 
-    return lite()  # type: ignore[no-untyped-call]
+    return lite()
 
 
 Processor = Callable[[Any], Any]
@@ -188,6 +188,7 @@ class Statements:
             return hit
         t = self.table.physical[slot]
         pk = self.table.primary_key
+        where: sa.ColumnElement[bool]
         if len(pk) == 1:
             where = t.c[pk[0]].in_([sa.bindparam(f"m{i}_0") for i in range(n)])
         else:
@@ -235,10 +236,13 @@ class Statements:
                 stmt = stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in target})
             else:
                 if name == "postgresql":
-                    from sqlalchemy.dialects.postgresql import insert as dialect_insert
+                    from sqlalchemy.dialects import postgresql
+
+                    stmt = postgresql.insert(t).values(values)
                 else:
-                    from sqlalchemy.dialects.sqlite import insert as dialect_insert
-                stmt = dialect_insert(t).values(values)
+                    from sqlalchemy.dialects import sqlite
+
+                    stmt = sqlite.insert(t).values(values)
                 if updates:
                     stmt = stmt.on_conflict_do_update(
                         index_elements=[t.c[c] for c in pk],

@@ -324,7 +324,7 @@ def _find_pg_bindir(explicit: str | None) -> Path:
 
 
 def _pg_status(datadir: Path) -> str:
-    """Postmaster status from postmaster.pid: starting/ready/standby/stopping."""
+    """Postmaster status from postmaster.pid; a hot standby also reports "ready"."""
     try:
         lines = (datadir / "postmaster.pid").read_text().splitlines()
     except OSError:
@@ -490,7 +490,7 @@ class PgReplicaSet:
             timeout=self.startup_timeout,
         )  # fmt: skip
         self._standby = self._make_server("standby", self.standby_datadir, self.standby_port)
-        self._spawn_pg(self._standby, self.standby_datadir, self.standby_port, "standby")
+        self._spawn_pg(self._standby, self.standby_datadir, self.standby_port, "ready")
         self._wait_streaming()
 
     def _has_pg_stat_statements(self) -> bool:
@@ -515,8 +515,10 @@ class PgReplicaSet:
             # Default 5s: how long a standby waits before reconnecting to a restarted primary.
             "wal_retrieve_retry_interval": "100ms",
             "wal_receiver_status_interval": "1s",
+            # Safe against a process kill (the page cache survives), just not an OS crash.
+            # synchronous_commit stays on: an async commit could be lost on SIGKILL and
+            # would not be covered by pg_current_wal_lsn() in wait_for_standby_catchup().
             "fsync": "off",
-            "synchronous_commit": "off",
             "full_page_writes": "off",
             "jit": "off",
             # Keep DSM segments inside the data dir, so a SIGKILL cannot leak /dev/shm files.
@@ -583,6 +585,8 @@ class PgReplicaSet:
     def _wait_streaming(self, timeout: float | None = None) -> None:
         timeout = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        if self.standby_sql("SELECT pg_is_in_recovery()", dbname="postgres") != "t":
+            raise ReplicaSetError(_with_log("standby is not in recovery", self.standby_log))
         sql = (
             f"SELECT state FROM pg_stat_replication WHERE application_name = '{self.standby_name}'"
         )
@@ -685,7 +689,7 @@ class PgReplicaSet:
 
     def start_standby(self, *, wait_streaming: bool = True) -> None:
         server, datadir, port = self._node("standby")
-        self._spawn_pg(server, datadir, port, "standby")
+        self._spawn_pg(server, datadir, port, "ready")
         if wait_streaming and self._primary is not None and self._primary.running:
             self._wait_streaming()
 

@@ -17,6 +17,7 @@ whose last operation lost it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -68,9 +69,7 @@ Connector = Callable[[], Awaitable[Connection]]
 
 def mark_if_lost(conn: Connection, exc: BaseException) -> None:
     """Flag ``conn`` for discard when ``exc`` says its state is unknown or gone."""
-    if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | asyncio.CancelledError):
-        conn.broken = True
-    elif not isinstance(exc, DalError):
+    if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | asyncio.CancelledError) or not isinstance(exc, DalError):
         conn.broken = True
 
 
@@ -176,10 +175,8 @@ class Pool:
             finally:
                 if not fut.done():
                     fut.cancel()
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-                except ValueError:
-                    pass
             if got is not None:
                 return got
             # A slot was freed (a connection discarded): open one ourselves.

@@ -10,6 +10,7 @@ writer and each statement sees every commit before it. sqlite3 keeps
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,9 @@ from dal.errors import (
 from .base import Row
 
 _ERRORS = (sqlite3.Error, ValueError)
+
+# Close tasks in flight, referenced so they are not garbage-collected mid-way.
+_closing: set[asyncio.Task[None]] = set()
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
@@ -79,7 +83,7 @@ class SQLiteConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         for row in rows:
-            return row  # type: ignore[no-any-return]
+            return row
         return None
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
@@ -119,10 +123,11 @@ class SQLiteConnection:
         await self._conn.close()
 
     def terminate(self) -> None:
-        # No round trip to skip: closing is local. Schedule it, do not wait.
-        import asyncio
-
-        asyncio.ensure_future(self._conn.close())
+        # Closing is local (no round trip to skip), but aiosqlite only closes
+        # from its own thread: schedule it and keep a reference until done.
+        task = asyncio.ensure_future(self._conn.close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
