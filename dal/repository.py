@@ -136,6 +136,7 @@ class Repository(Generic[RowT]):
         if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
+        self._targets = {role: self._router.route_all(table, role) for role in Role}
         self._stmts: tuple[Statements, ...] = tuple(
             layer.statements(table, p.database) for p in table.placements
         )
@@ -150,7 +151,7 @@ class Repository(Generic[RowT]):
 
     # -- plumbing ----------------------------------------------------------------
     def _role(self, primary: bool) -> Role:
-        if primary or self._layer._read_primary.get():
+        if primary or self._tx is not None or self._layer._read_primary.get():
             return Role.PRIMARY
         return Role.REPLICA
 
@@ -159,10 +160,8 @@ class Repository(Generic[RowT]):
         return cast(RowT, row if rt is None else rt(**row))
 
     def _key_target(self, key: object, role: Role) -> tuple[Target, tuple[Any, ...]]:
-        t = self._table
-        kv = t.key_values(key)
-        shard_value = kv[t._shard_key_index] if t.sharder is not None else None
-        return self._router.route(t, shard_value, role), kv
+        slot, kv = self._table.locate_key(key)
+        return self._targets[role][slot], kv
 
     async def _fetch_one(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> Row | None:
         if self._tx is not None:
@@ -190,7 +189,7 @@ class Repository(Generic[RowT]):
         target, kv = self._key_target(key, self._role(primary))
         st = self._stmts[target.slot]
         c = st.get[target.slot]
-        row = await self._fetch_one(target, c, c.params(st.key_params(kv)))
+        row = await self._fetch_one(target, c, st.key_only(c, kv))
         return None if row is None else self._out(st.row(row))
 
     async def get_many(self, keys: Iterable[Any], *, primary: bool = False) -> dict[Any, RowT]:
@@ -265,7 +264,7 @@ class Repository(Generic[RowT]):
         target, kv = self._key_target(key, Role.PRIMARY)
         st = self._stmts[target.slot]
         c = st.delete[target.slot]
-        return await self._execute(target, c, c.params(st.key_params(kv))) > 0
+        return await self._execute(target, c, st.key_only(c, kv)) > 0
 
     # -- queries ---------------------------------------------------------------------
     def _query(

@@ -153,6 +153,11 @@ class Statements:
         self.delete = tuple(
             compile_statement(sa.delete(t).where(self._pk_clause(t)), dialect) for t in table.physical
         )
+        # Key-only statements whose parameters are exactly the key values, unconverted:
+        # the caller can pass the key tuple as is.
+        self.key_direct = all(
+            c.names == self._pk_params and not any(c.processors) for c in (*self.get, *self.delete)
+        )
         procs = [
             (i, c.type._cached_result_processor(dialect, None)) for i, c in enumerate(table.table.columns)
         ]
@@ -178,6 +183,12 @@ class Statements:
 
     def key_params(self, key_values: tuple[Any, ...]) -> dict[str, Any]:
         return dict(zip(self._pk_params, key_values, strict=True))
+
+    def key_only(self, c: Compiled, key_values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Parameters of a get/delete statement from the key values."""
+        if self.key_direct:
+            return key_values
+        return c.params(self.key_params(key_values))
 
     def get_many(self, slot: int, n: int) -> Compiled:
         """SELECT of ``n`` primary keys from one physical table (cached per ``n``)."""

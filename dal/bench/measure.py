@@ -1,0 +1,210 @@
+"""The timing engine: warm-up, alternating rounds, per-operation latencies.
+
+What is measured
+----------------
+A *contender* is one way of doing the same operation (dal's ``repo.get`` or a
+baseline such as ``asyncpg``'s ``pool.fetchrow``), given as a coroutine
+function of one key. It is driven by ``concurrency`` asyncio tasks, each
+running operations back to back on keys taken from one shared, pre-generated
+key list (task ``w`` uses keys ``w, w + c, w + 2c, ...``), so every contender
+sees the same keys in the same order.
+
+* Each operation is timed with :func:`time.perf_counter_ns` around the
+  ``await``: that is its latency (at ``concurrency > 1`` it includes waiting
+  for a pooled connection, as a caller would).
+* A round runs a contender for ``round_seconds`` of wall time: operations
+  start until the deadline, and the round's wall time runs until the last one
+  has finished. Throughput of a round = operations / wall time.
+* Before the first round every contender runs ``warmup_ops`` operations that
+  are not recorded (connections opened, statements prepared, caches warm).
+* Rounds alternate the contenders A B C, C B A, A B C, ... so slow drift of
+  the machine (other processes, CPU frequency, the server's own work) hits
+  dal and its baselines alike.
+
+Results: ``ops_per_s`` is the median of the rounds' throughputs; ``p50`` and
+``p99`` come from the latencies of all rounds together; the ratio of dal to a
+baseline is the median over rounds of (dal's wall time per operation / the
+baseline's wall time per operation in the same round), so each ratio
+compares two runs made seconds apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Op = Callable[[Any], Awaitable[object]]
+"""One operation on one key (the key comes from the scenario's key list)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long to measure: ``rounds`` x ``round_seconds`` per contender, after a warm-up."""
+
+    rounds: int = 5
+    round_seconds: float = 0.5
+    warmup_ops: int = 500
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if self.round_seconds <= 0:
+            raise ValueError("round_seconds must be > 0")
+        if self.warmup_ops < 0:
+            raise ValueError("warmup_ops must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """One implementation of the measured operation (dal or a baseline)."""
+
+    name: str
+    op: Op
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """dal against its baselines, on the same keys, at one concurrency.
+
+    ``targets`` maps a baseline name to the largest acceptable ratio
+    (dal's time per operation / the baseline's); informational only.
+    """
+
+    name: str
+    concurrency: int
+    dal: Contender
+    baselines: tuple[Contender, ...]
+    keys: Sequence[Any]
+    targets: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def contenders(self) -> tuple[Contender, ...]:
+        return (self.dal, *self.baselines)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One timed run of one contender: operations, wall time, and every latency."""
+
+    ops: int
+    wall_ns: int
+    latencies_ns: list[int]
+
+    @property
+    def ns_per_op(self) -> float:
+        return self.wall_ns / self.ops if self.ops else math.inf
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops * 1e9 / self.wall_ns if self.wall_ns else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The rounds of one contender, summarized."""
+
+    name: str
+    concurrency: int
+    runs: tuple[Run, ...]
+
+    @property
+    def ops(self) -> int:
+        return sum(r.ops for r in self.runs)
+
+    @property
+    def ops_per_s(self) -> float:
+        return statistics.median(r.ops_per_s for r in self.runs)
+
+    def percentile_us(self, q: float) -> float:
+        lat = sorted(x for r in self.runs for x in r.latencies_ns)
+        return percentile(lat, q) / 1000.0
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1) of already sorted values; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def paired_ratio(dal: Result, baseline: Result) -> tuple[float, float, float]:
+    """Median, min and max over rounds of dal's time per op / the baseline's."""
+    ratios = [d.ns_per_op / b.ns_per_op for d, b in zip(dal.runs, baseline.runs, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+async def drive(
+    op: Op,
+    keys: Sequence[Any],
+    concurrency: int,
+    *,
+    seconds: float | None = None,
+    max_ops: int | None = None,
+) -> Run:
+    """Run ``op`` from ``concurrency`` tasks until ``seconds`` pass or ``max_ops`` have started.
+
+    Latencies are recorded for every operation; the first failure stops the
+    run and is raised.
+    """
+    if not keys:
+        raise ValueError("no keys to run on")
+    perf = time.perf_counter_ns
+    lat: list[int] = []
+    record = lat.append
+    n = len(keys)
+    limit = max_ops if max_ops is not None else math.inf
+    started = 0
+    start = perf()
+    deadline = start + int(seconds * 1e9) if seconds is not None else None
+
+    async def worker(first: int) -> None:
+        nonlocal started
+        i = first
+        while True:
+            t0 = perf()
+            if started >= limit or (deadline is not None and t0 >= deadline):
+                return
+            started += 1
+            await op(keys[i % n])
+            record(perf() - t0)
+            i += concurrency
+
+    if concurrency == 1:
+        await worker(0)
+    else:
+        async with asyncio.TaskGroup() as tg:
+            for w in range(concurrency):
+                tg.create_task(worker(w))
+    return Run(len(lat), perf() - start, lat)
+
+
+Progress = Callable[[str], None]
+
+
+async def compare(comparison: Comparison, timing: Timing, progress: Progress | None = None) -> list[Result]:
+    """Measure dal and its baselines in alternating rounds; results in contender order."""
+    c = comparison.concurrency
+    contenders = comparison.contenders
+    for cont in contenders:
+        if progress:
+            progress(f"warming up {cont.name} ({timing.warmup_ops} ops)")
+        await drive(cont.op, comparison.keys, c, max_ops=max(timing.warmup_ops, c))
+    runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
+    for rnd in range(timing.rounds):
+        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+        for cont in order:
+            gc.collect()
+            run = await drive(cont.op, comparison.keys, c, seconds=timing.round_seconds)
+            runs[cont.name].append(run)
+        if progress:
+            shown = ", ".join(f"{name} {rs[-1].ops_per_s:,.0f}/s" for name, rs in runs.items())
+            progress(f"round {rnd + 1}/{timing.rounds}: {shown}")
+    return [Result(cont.name, c, tuple(runs[cont.name])) for cont in contenders]
