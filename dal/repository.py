@@ -136,7 +136,7 @@ class Repository(Generic[RowT]):
         if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
-        self._targets = {role: self._router.route_all(table, role) for role in Role}
+        self._by_role = {role: self._router.route_all(table, role) for role in Role}
         self._stmts: tuple[Statements, ...] = tuple(
             layer.statements(table, p.database) for p in table.placements
         )
@@ -161,7 +161,7 @@ class Repository(Generic[RowT]):
 
     def _key_target(self, key: object, role: Role) -> tuple[Target, tuple[Any, ...]]:
         slot, kv = self._table.locate_key(key)
-        return self._targets[role][slot], kv
+        return self._by_role[role][slot], kv
 
     async def _fetch_one(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> Row | None:
         if self._tx is not None:
