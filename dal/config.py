@@ -57,6 +57,7 @@ from sqlalchemy.exc import ArgumentError
 
 from dal.errors import ConfigError
 from dal.routing.balancing import POLICIES
+from dal.routing.sharding import explicit_slot_map
 
 Backend = Literal["postgresql", "mysql", "sqlite"]
 
@@ -296,6 +297,8 @@ class Config:
                 raise ConfigError(f"{where}.databases", "lists a database twice")
             if t.databases is not None and not t.databases:
                 raise ConfigError(f"{where}.databases", "must not be empty")
+            if t.slot_map is not None:
+                explicit_slot_map(t.name, t.table_shards, t.slot_map, t.databases or tuple(seen))
 
     # -- loaders ----------------------------------------------------------------
     @classmethod
@@ -310,10 +313,16 @@ class Config:
         top = dict(data.get("dal") or {})
         _only(top, {"balancing", "max_rows_scanned", "fanout_concurrency", "metadata"}, "dal")
         default_pool = _pool(data.get("pool") or {}, "pool", PoolSettings())
-        databases = tuple(
-            _database(name, raw, default_pool, env)
-            for name, raw in _named_items(data.get("databases"), "databases")
-        )
+        items = _named_items(data.get("databases"), "databases")
+        prefixes: dict[str, str] = {}
+        for name, _ in items:
+            other = prefixes.setdefault(_env_name(name), name)
+            if other != name:
+                raise ConfigError(
+                    f"databases.{name}",
+                    f"its environment overrides ({_env_name(name)}_*) collide with database {other!r}",
+                )
+        databases = tuple(_database(name, raw, default_pool, env) for name, raw in items)
         tables = tuple(_table(name, raw) for name, raw in _named_items(data.get("tables"), "tables"))
         kwargs: dict[str, Any] = {}
         for key, typ in (("balancing", str), ("max_rows_scanned", int), ("fanout_concurrency", int), ("metadata", str)):
@@ -454,6 +463,9 @@ def _table(name: str, raw: Mapping[str, Any]) -> TableSpec:
     if slot_map is not None:
         if not isinstance(slot_map, Mapping):
             raise ConfigError(f"{where}.slot_map", "expected a table of database = [slots]")
+        for db, owned in slot_map.items():
+            if not isinstance(owned, list | tuple):
+                raise ConfigError(f"{where}.slot_map.{db}", "expected a list of slot numbers")
         slot_map = {k: tuple(v) for k, v in slot_map.items()}
     database = raw.get("database")
     if database is not None:

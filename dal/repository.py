@@ -36,7 +36,7 @@ from dal.errors import (
     ValidationError,
 )
 from dal.routing.router import Role, Target
-from dal.schema import LogicalTable
+from dal.schema import LogicalTable, as_mapping
 from dal.sql import Compiled, Filter, Query, Statements
 
 if TYPE_CHECKING:
@@ -245,8 +245,11 @@ class Repository(Generic[RowT]):
     async def upsert(self, row: Mapping[str, Any] | Any) -> None:
         """Insert one row, or overwrite the given columns of the row with its key."""
         target, values = self._row_target(row)
+        # Python-side defaults fill omitted columns of a new row only: an
+        # existing row keeps what the caller did not give.
+        given = as_mapping(row, self._table.name)
         st = self._stmts[target.slot]
-        c = st.upsert(target.slot, tuple(values))
+        c = st.upsert(target.slot, tuple(values), tuple(k for k in values if k in given))
         await self._execute(target, c, c.params(values))
 
     async def update(self, key: Any, values: Mapping[str, Any]) -> bool:

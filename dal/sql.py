@@ -74,6 +74,21 @@ def compile_statement(stmt: sa.ClauseElement, dialect: Dialect) -> Compiled:
     return Compiled(str(c), names, defaults, procs)
 
 
+def _result_processor(type_: Any, dialect: Dialect) -> Processor | None:
+    """The dialect's result processor for a column of ``type_``.
+
+    SQLAlchemy passes the driver's type code of the result column; dal has
+    none, which every type ignores except asyncpg's numerics (they key on the
+    PostgreSQL OID and raise on ``None``). A table column of a Numeric type
+    comes back as ``numeric`` (OID 1700), of a Float type as ``float8`` (701).
+    """
+    coltype = None
+    if dialect.name == "postgresql" and isinstance(type_, sa.Numeric):
+        coltype = 701 if isinstance(type_, sa.Float) else 1700
+    proc: Processor | None = type_._cached_result_processor(dialect, coltype)
+    return proc
+
+
 # Filter operators accepted by find()/count(): name -> (SQL builder, arity).
 _OPS: dict[str, Callable[[sa.ColumnElement[Any], Any], sa.ColumnElement[bool]]] = {
     "eq": lambda c, p: c == p,
@@ -147,7 +162,7 @@ class Statements:
         self._get_many = get_many
         self._shapes: OrderedDict[tuple[Any, ...], Compiled] = OrderedDict()
         self._inserts: dict[tuple[int, tuple[str, ...]], Compiled] = {}
-        self._upserts: dict[tuple[int, tuple[str, ...]], Compiled] = {}
+        self._upserts: dict[tuple[int, tuple[str, ...], tuple[str, ...] | None], Compiled] = {}
         self._updates: dict[tuple[int, tuple[str, ...]], Compiled] = {}
         self.get = tuple(self._compile_get(t) for t in table.physical)
         self.delete = tuple(
@@ -158,9 +173,7 @@ class Statements:
         self.key_direct = all(
             c.names == self._pk_params and not any(c.processors) for c in (*self.get, *self.delete)
         )
-        procs = [
-            (i, c.type._cached_result_processor(dialect, None)) for i, c in enumerate(table.table.columns)
-        ]
+        procs = [(i, _result_processor(c.type, dialect)) for i, c in enumerate(table.table.columns)]
         self._result_procs = tuple((i, p) for i, p in procs if p is not None)
 
     # -- rows ------------------------------------------------------------------
@@ -228,15 +241,18 @@ class Statements:
             hit = self._inserts[key] = compile_statement(stmt, self.dialect)
         return hit
 
-    def upsert(self, slot: int, columns: tuple[str, ...]) -> Compiled:
-        """INSERT that overwrites the given non-key columns when the primary key exists."""
-        key = (slot, columns)
+    def upsert(
+        self, slot: int, columns: tuple[str, ...], overwrite: tuple[str, ...] | None = None
+    ) -> Compiled:
+        """INSERT of ``columns`` that overwrites the non-key columns of ``overwrite``
+        (default: all of ``columns``) when the primary key exists."""
+        key = (slot, columns, overwrite)
         hit = self._upserts.get(key)
         if hit is None:
             t = self.table.physical[slot]
             values = {c: sa.bindparam(c, type_=t.c[c].type) for c in columns}
             pk = self.table.primary_key
-            updates = [c for c in columns if c not in pk]
+            updates = [c for c in (columns if overwrite is None else overwrite) if c not in pk]
             name = self.dialect.name
             stmt: Any
             if name == "mysql":

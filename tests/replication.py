@@ -139,11 +139,8 @@ def _run(
     what: str = "",
 ) -> str:
     """Run a short-lived tool; raise with its output on failure."""
-    kwargs: dict[str, object] = {}
-    if run_as is not None:
-        kwargs = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
     try:
-        proc = subprocess.run(  # type: ignore[call-overload]
+        proc = subprocess.run(
             list(argv),
             cwd=cwd,
             env=dict(env) if env is not None else None,
@@ -152,7 +149,9 @@ def _run(
             text=True,
             timeout=timeout,
             check=False,
-            **kwargs,
+            user=run_as[0] if run_as else None,
+            group=run_as[1] if run_as else None,
+            extra_groups=[] if run_as else None,
         )
     except subprocess.TimeoutExpired as exc:
         raise ReplicaSetError(f"{what or argv[0]} timed out after {timeout}s: {argv}") from exc
@@ -173,6 +172,47 @@ def _base_env(home: Path) -> dict[str, str]:
         "TZ": "UTC",
     }
     return env
+
+
+_OWNER_FILE = "owner.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_tmpdir(prefix: str) -> Path:
+    """A fresh temp dir; also removes ones left by test runs that were SIGKILLed.
+
+    (Their servers are already gone: the reaper's lifeline shuts them down.)
+    """
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{prefix}*"):
+        try:
+            owner = int((old / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(owner) and not _pids_mentioning(str(old)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    (tmp / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return tmp
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+    return pids
 
 
 def _keep_tmpdir_default() -> bool:
@@ -239,6 +279,8 @@ class _Server:
         line = wrapper.stdout.readline()
         wrapper.stdout.close()
         if not line.strip().isdigit():
+            if wrapper.stdin is not None:
+                wrapper.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 wrapper.wait(5)
             raise ReplicaSetError(
@@ -379,6 +421,7 @@ class PgReplicaSet:
         self._primary: _Server | None = None
         self._standby: _Server | None = None
         self._env: dict[str, str] = {}
+        self._pgss: bool | None = None
 
     # ---- URLs
 
@@ -447,7 +490,7 @@ class PgReplicaSet:
         t0 = time.monotonic()
         self._bindir = _find_pg_bindir(self._bindir_arg)
         self._run_as = _run_as("postgres")
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="dal-pg-"))
+        self.tmpdir = _make_tmpdir("dal-pg-")
         atexit.register(self.stop)
         try:
             self._start_all()
@@ -483,7 +526,7 @@ class PgReplicaSet:
             [
                 self._bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary_port),
                 "-U", self.user, "-D", str(self.standby_datadir),
-                "-R", "-X", "stream", "-c", "fast", "--no-sync",
+                "-R", "-X", "stream", "-c", "fast", "--no-sync", "--no-manifest",
                 "-C", "-S", self.standby_name,  # slot: primary keeps WAL while standby is down
             ],
             run_as=self._run_as, cwd=tmp, env=self._env, what="pg_basebackup",
@@ -494,6 +537,11 @@ class PgReplicaSet:
         self._wait_streaming()
 
     def _has_pg_stat_statements(self) -> bool:
+        if self._pgss is None:
+            self._pgss = self._find_pg_stat_statements()
+        return self._pgss
+
+    def _find_pg_stat_statements(self) -> bool:
         assert self._bindir is not None
         libdirs = [self._bindir.parent / "lib"]
         with contextlib.suppress(ReplicaSetError, OSError):
@@ -525,7 +573,6 @@ class PgReplicaSet:
             "dynamic_shared_memory_type": "mmap",
             "logging_collector": "off",
             "log_line_prefix": "'%m [%p] %q%a@%d '",
-            "log_min_messages": "warning",
             "timezone": "'UTC'",
         }
         if self._has_pg_stat_statements():
@@ -557,6 +604,8 @@ class PgReplicaSet:
         )
 
     def _spawn_pg(self, server: _Server, datadir: Path, port: int, want: str) -> None:
+        if server.running:
+            raise ReplicaSetError(f"{server.name} is already running")
         _drop_stale_pg_state(datadir, self._tmp(), port)
         server.spawn()
         deadline = time.monotonic() + self.startup_timeout
@@ -853,7 +902,7 @@ class MariaDBReplicaSet:
         t0 = time.monotonic()
         self._mariadbd, self._install_db, self._client = _find_mariadb()
         self._run_as = _run_as("mysql")
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="dal-mariadb-"))
+        self.tmpdir = _make_tmpdir("dal-mariadb-")
         atexit.register(self.stop)
         try:
             self._start_all()
@@ -1057,6 +1106,8 @@ class MariaDBReplicaSet:
 
     def _restart(self, which: str) -> None:
         server, port = self._node(which)
+        if server.running:
+            raise ReplicaSetError(f"{server.name} is already running")
         offset = server.log_offset()
         self._prepare_spawn(server)
         server.spawn()
@@ -1245,7 +1296,8 @@ def _reaper_main(argv: list[str]) -> int:
                         os.kill(pid, signal.Signals["SIG" + name.upper()])
     if status is None:
         return 1
-    return os.waitstatus_to_exitcode(status) & 0xFF
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # shell convention for "killed by signal"
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--reap":

@@ -46,7 +46,10 @@ def encode_key(key: object, *, table: str = "?") -> bytes:
     if t is int:
         return str(key).encode("ascii")
     if t is str:
-        return key.encode("utf-8")  # type: ignore[attr-defined, no-any-return]
+        try:
+            return key.encode("utf-8")  # type: ignore[attr-defined, no-any-return]
+        except UnicodeEncodeError:
+            raise _not_unicode(table) from None
     if t is bytes:
         return key  # type: ignore[return-value]
     if isinstance(key, bool) or key is None:
@@ -54,7 +57,11 @@ def encode_key(key: object, *, table: str = "?") -> bytes:
     if isinstance(key, int):  # int subclasses such as IntEnum
         return str(int(key)).encode("ascii")
     if isinstance(key, str):
-        return str(key).encode("utf-8")
+        # str.encode, not str(key): a (str, Enum) member's str() is "Cls.NAME", not its value.
+        try:
+            return str.encode(key, "utf-8")
+        except UnicodeEncodeError:
+            raise _not_unicode(table) from None
     if isinstance(key, bytearray | memoryview):
         return bytes(key)
     if isinstance(key, uuid.UUID):
@@ -62,6 +69,12 @@ def encode_key(key: object, *, table: str = "?") -> bytes:
     raise ShardKeyError(
         f"shard key for table {table!r} has unsupported type {type(key).__name__}; "
         "use int, str, bytes or uuid.UUID"
+    )
+
+
+def _not_unicode(table: str) -> ShardKeyError:
+    return ShardKeyError(
+        f"shard key for table {table!r} is a str with no UTF-8 encoding (lone surrogate)"
     )
 
 

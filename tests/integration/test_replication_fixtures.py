@@ -23,8 +23,11 @@ def _table() -> str:
     return f"repl_{uuid.uuid4().hex[:10]}"
 
 
+_SERVER_COMMS = {"postgres", "mariadbd", "mysqld"}
+
+
 def _orphan_zombies() -> list[str]:
-    """Zombies nobody will reap: parented to PID 1 (which doesn't reap here) or to us."""
+    """Server zombies nobody will reap: parented to PID 1 (which doesn't reap here) or us."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,7 +38,7 @@ def _orphan_zombies() -> list[str]:
             continue
         comm = stat[stat.find("(") + 1 : stat.rfind(")")]
         state, ppid = stat[stat.rfind(")") + 2 :].split()[:2]
-        if state == "Z" and int(ppid) in (1, os.getpid()):
+        if state == "Z" and int(ppid) in (1, os.getpid()) and comm in _SERVER_COMMS:
             found.append(f"{entry} ({comm})")
     return found
 

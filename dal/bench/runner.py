@@ -1,0 +1,416 @@
+"""``dal bench``: run the scenarios, print a table, write JSON.
+
+See :mod:`dal.bench.scenarios` for what each scenario measures and
+:mod:`dal.bench.measure` for how (warm-up, alternating rounds, medians).
+
+JSON written to ``--json PATH`` (and returned by :func:`run_bench`)::
+
+    {
+      "scenarios": [
+        {"name": "pg.get.nocache", "kind": "dal", "concurrency": 1,
+         "ops_per_s": 15000.0, "p50_us": 62.1, "p99_us": 110.4, "ops": 37000, "rounds": 5,
+         "vs": {"asyncpg.pool.fetchrow": 0.62, ...},          # dal / baseline time per op
+         "vs_range": {"asyncpg.pool.fetchrow": [0.6, 0.64], ...},  # min, max over rounds
+         "targets": {"asyncpg.pool.fetchrow": 0.7, ...}},
+        {"name": "asyncpg.pool.fetchrow", "kind": "baseline", "baseline_of": "pg.get.nocache",
+         "vs": {}, ...},
+        ...
+      ],
+      "machine": {"python": ..., "platform": ..., "cpus": ..., "servers": {...}, ...},
+      "run": {"quick": false, "timing": {...}, "wall_s": ...},
+      "notes": [...]
+    }
+
+A ratio below 1 means dal takes less time per operation than the baseline.
+
+``--config FILE`` is a TOML file with a ``[bench]`` table; every key is
+optional::
+
+    [bench]
+    pg_url = "postgresql://postgres@127.0.0.1:5432/test"
+    mysql_url = "mysql://root@127.0.0.1:3306/test"
+    rows = 10000          # rows loaded into the bench table
+    seed = 1234           # key sequence
+    pool_size = 10        # max connections of every pool (dal and baselines)
+    rounds = 5            # alternating rounds per scenario
+    round_seconds = 0.5   # per contender per round
+    warmup_ops = 500      # per contender, before the first round
+
+Server URLs are taken from the arguments, else the config file, else
+``DAL_TEST_PG_URL`` / ``DAL_TEST_MYSQL_URL``, else the loopback defaults (the
+same servers ``make test`` uses). Passwords are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from sqlalchemy.engine import make_url
+
+from dal.bench.measure import Comparison, Result, Timing, compare, paired_ratio
+from dal.bench.scenarios import SCENARIOS, SUITES, SuiteOptions, select
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
+
+FULL = Timing(rounds=5, round_seconds=0.5, warmup_ops=500)
+QUICK = Timing(rounds=3, round_seconds=0.25, warmup_ops=200)
+
+
+class BenchError(Exception):
+    """A usage problem (bad ``--only``, bad config file): exit code 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    pg_url: str
+    mysql_url: str
+    timing: Timing
+    options: SuiteOptions
+
+
+_CONFIG_KEYS = {
+    "pg_url": str,
+    "mysql_url": str,
+    "rows": int,
+    "seed": int,
+    "pool_size": int,
+    "rounds": int,
+    "round_seconds": float,
+    "warmup_ops": int,
+}
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise BenchError(f"config {path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"config {path}: invalid TOML: {exc}") from None
+    section = data.get("bench", {})
+    if not isinstance(section, dict) or set(data) - {"bench"}:
+        raise BenchError(f"config {path}: expected only a [bench] table")
+    for key, value in section.items():
+        typ = _CONFIG_KEYS.get(key)
+        if typ is None:
+            raise BenchError(f"config {path}: unknown key bench.{key}; expected one of {sorted(_CONFIG_KEYS)}")
+        ok = isinstance(value, typ) or (typ is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise BenchError(f"config {path}: bench.{key} must be {typ.__name__}")
+    return dict(section)
+
+
+def resolve_settings(
+    *,
+    quick: bool,
+    config: str | None,
+    pg_url: str | None,
+    mysql_url: str | None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from arguments, then the config file, then the environment, then defaults."""
+    env = os.environ if env is None else env
+    cfg = _read_config(config) if config else {}
+    base = QUICK if quick else FULL
+    try:
+        timing = replace(
+            base,
+            rounds=cfg.get("rounds", base.rounds),
+            round_seconds=float(cfg.get("round_seconds", base.round_seconds)),
+            warmup_ops=cfg.get("warmup_ops", base.warmup_ops),
+        )
+        defaults = SuiteOptions()
+        options = SuiteOptions(
+            rows=cfg.get("rows", defaults.rows),
+            seed=cfg.get("seed", defaults.seed),
+            pool_size=cfg.get("pool_size", defaults.pool_size),
+        )
+    except ValueError as exc:
+        raise BenchError(f"config {config}: {exc}") from None
+    return Settings(
+        pg_url=pg_url or cfg.get("pg_url") or env.get("DAL_TEST_PG_URL") or DEFAULT_PG_URL,
+        mysql_url=mysql_url or cfg.get("mysql_url") or env.get("DAL_TEST_MYSQL_URL") or DEFAULT_MYSQL_URL,
+        timing=timing,
+        options=options,
+    )
+
+
+# -- results ----------------------------------------------------------------------------
+def _num(x: float, digits: int) -> float:
+    return round(x, digits) if math.isfinite(x) else 0.0
+
+
+def _entry(result: Result, rounds: int) -> dict[str, Any]:
+    return {
+        "name": result.name,
+        "concurrency": result.concurrency,
+        "ops_per_s": _num(result.ops_per_s, 1),
+        "p50_us": _num(result.percentile_us(0.50), 1),
+        "p99_us": _num(result.percentile_us(0.99), 1),
+        "ops": result.ops,
+        "rounds": rounds,
+    }
+
+
+def scenario_entries(comparison: Comparison, results: Sequence[Result], rounds: int) -> list[dict[str, Any]]:
+    """JSON entries: dal's (with ratios against each baseline), then each baseline's."""
+    dal, *bases = results
+    head = _entry(dal, rounds)
+    head["kind"] = "dal"
+    head["description"] = comparison.description
+    head["vs"] = {}
+    head["vs_range"] = {}
+    for b in bases:
+        med, lo, hi = paired_ratio(dal, b)
+        head["vs"][b.name] = _num(med, 3)
+        head["vs_range"][b.name] = [_num(lo, 3), _num(hi, 3)]
+    head["targets"] = {k: _num(v, 3) for k, v in comparison.targets.items()}
+    out = [head]
+    for b in bases:
+        e = _entry(b, rounds)
+        e["kind"] = "baseline"
+        e["baseline_of"] = dal.name
+        e["vs"] = {}
+        out.append(e)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("dal", "asyncpg", "aiomysql", "PyMySQL", "SQLAlchemy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(servers: Mapping[str, Any]) -> dict[str, Any]:
+    """Python, OS, CPU and library versions, and the servers (DSNs masked)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": [round(x, 2) for x in load],
+        "event_loop": type(asyncio.get_running_loop()).__module__,
+        "packages": _versions(),
+        "servers": dict(servers),
+    }
+
+
+def _notes(settings: Settings) -> list[str]:
+    t, o = settings.timing, settings.options
+    return [
+        "ratio = dal's wall time per operation / the baseline's, median over paired rounds; < 1 means dal is faster",
+        f"each contender: {t.warmup_ops} warm-up ops, then {t.rounds} rounds x {t.round_seconds:g} s, "
+        "rounds alternating A B C / C B A",
+        "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency",
+        f"{o.rows} rows over {4} physical tables; keys: seeded random ids (seed {o.seed}) of the rows in "
+        "dal_bench_users_0, which the baselines query directly",
+        f"pools: dal max_size={o.pool_size}; asyncpg.create_pool() defaults (min 10, max 10); "
+        f"SQLAlchemy pool_size={o.pool_size}, max_overflow=0; aiomysql.create_pool() defaults "
+        "(min 1, max 10) with autocommit=True",
+        "asyncpg.conn.fetchrow at c32: 32 tasks share one connection through an asyncio.Lock",
+        "sqlalchemy.orm.get: a new AsyncSession per op (async with sessions() as s: await s.get(User, key))",
+        "targets apply to the single-task scenarios; the bench never fails on them",
+    ]
+
+
+def print_table(report: Mapping[str, Any], out: TextIO) -> None:
+    """The readable form of ``report``: dal rows, each followed by its baselines and ratios."""
+    w = 28
+    print(f"\n{'scenario':<{w}} {'conc':>4} {'ops/s':>10} {'p50 µs':>9} {'p99 µs':>9}  dal/baseline", file=out)
+    print("-" * (w + 4 + 10 + 9 + 9 + 18), file=out)
+    entries = report["scenarios"]
+    for e in entries:
+        if e["kind"] != "dal":
+            continue
+        print(
+            f"{e['name']:<{w}} {e['concurrency']:>4} {e['ops_per_s']:>10,.0f} {e['p50_us']:>9.1f} {e['p99_us']:>9.1f}",
+            file=out,
+        )
+        for b in entries:
+            if b.get("baseline_of") != e["name"]:
+                continue
+            ratio = e["vs"][b["name"]]
+            lo, hi = e["vs_range"][b["name"]]
+            target = e["targets"].get(b["name"].partition(":")[0]) if e["concurrency"] == 1 else None
+            verdict = ""
+            if target is not None:
+                verdict = f"  target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}"
+            print(
+                f"  {b['name']:<{w - 2}} {b['concurrency']:>4} {b['ops_per_s']:>10,.0f} {b['p50_us']:>9.1f} "
+                f"{b['p99_us']:>9.1f}  {ratio:.3f}x [{lo:.2f}-{hi:.2f}]{verdict}",
+                file=out,
+            )
+    for note in report.get("notes", []):
+        print(f"note: {note}", file=out)
+
+
+def _write_json(path: str, report: Mapping[str, Any]) -> None:
+    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+async def _run_suite(
+    suite: contextlib.AbstractAsyncContextManager[dict[str, Comparison]],
+    names: Sequence[str],
+    timing: Timing,
+    entries: list[dict[str, Any]],
+    out: TextIO,
+) -> None:
+    def progress(msg: str) -> None:
+        print(f"  {msg}", file=out, flush=True)
+
+    async with suite as comparisons:
+        for name in names:
+            comparison = comparisons[name]
+            print(
+                f"{name}: {len(comparison.contenders)} contenders at concurrency {comparison.concurrency}",
+                file=out,
+                flush=True,
+            )
+            results = await compare(comparison, timing, progress)
+            entries.extend(scenario_entries(comparison, results, timing.rounds))
+
+
+# -- entry points -----------------------------------------------------------------------
+async def run_bench(
+    *,
+    only: Sequence[str] = (),
+    quick: bool = False,
+    json_path: str | None = None,
+    config: str | None = None,
+    pg_url: str | None = None,
+    mysql_url: str | None = None,
+    out: TextIO = sys.stdout,
+    timing: Timing | None = None,
+) -> dict[str, Any]:
+    """Run the selected scenarios; print a table to ``out``; write JSON to ``json_path``.
+
+    ``timing`` overrides the rounds/durations (for tests). Returns the report
+    that the JSON holds. Raises :class:`BenchError` for a bad ``only``/config;
+    the bench tables are dropped however the run ends.
+    """
+    wall0 = time.perf_counter()
+    try:
+        names = select(only)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    settings = resolve_settings(quick=quick, config=config, pg_url=pg_url, mysql_url=mysql_url)
+    if timing is not None:
+        settings = replace(settings, timing=timing)
+    urls = {"pg": settings.pg_url, "mysql": settings.mysql_url}
+
+    t = settings.timing
+    print(
+        f"dal bench: {len(names)} scenario(s){' (quick)' if quick else ''}; per contender "
+        f"{t.warmup_ops} warm-up ops + {t.rounds} x {t.round_seconds:g} s",
+        file=out,
+        flush=True,
+    )
+    entries: list[dict[str, Any]] = []
+    servers: dict[str, Any] = {}
+    for backend, suite in SUITES.items():
+        wanted = [n for n in names if SCENARIOS[n].backend == backend]
+        if not wanted:
+            continue
+        info: dict[str, Any] = {}
+        servers["postgresql" if backend == "pg" else "mysql"] = info
+        print(f"{backend}: {make_url(urls[backend]).render_as_string(hide_password=True)}", file=out, flush=True)
+        with warnings.catch_warnings():
+            # MariaDB warns "Unknown table" for DROP TABLE IF EXISTS of a missing table.
+            warnings.filterwarnings("ignore", message=".*Unknown table")
+            await _run_suite(suite(urls[backend], settings.options, info), wanted, t, entries, out)
+    report: dict[str, Any] = {
+        "scenarios": entries,
+        "machine": machine_info(servers),
+        "run": {
+            "quick": quick,
+            "only": list(only),
+            "timing": {"rounds": t.rounds, "round_seconds": t.round_seconds, "warmup_ops": t.warmup_ops},
+            "rows": settings.options.rows,
+            "pool_size": settings.options.pool_size,
+            "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "wall_s": 0.0,
+        },
+        "notes": _notes(settings),
+    }
+    report["run"]["wall_s"] = round(time.perf_counter() - wall0, 2)
+    print_table(report, out)
+    print(f"wall time {report['run']['wall_s']:.1f} s", file=out)
+    if json_path:
+        _write_json(json_path, report)
+        print(f"wrote {json_path}", file=out)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--json``, ``--quick``, ``--only`` (repeatable) and ``--config`` to ``parser``."""
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs (all scenarios in well under a minute)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only this scenario, or those it prefixes (repeatable): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with a [bench] table (server URLs, rows, durations)"
+    )
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run ``dal bench`` for parsed ``args``; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    try:
+        asyncio.run(
+            run_bench(
+                only=getattr(args, "only", None) or (),
+                quick=bool(getattr(args, "quick", False)),
+                json_path=getattr(args, "json_path", None),
+                config=getattr(args, "config", None),
+            )
+        )
+    except BenchError as exc:
+        print(f"dal bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dal bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"dal bench: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,358 @@
+"""The benchmark scenarios: tables, data, dal layers and the baselines they are compared with.
+
+Every scenario reads rows by primary key from a table of ``rows`` rows
+(10,000 by default) that the bench creates and drops itself:
+
+* the logical table ``dal_bench_users`` (``id`` BIGINT primary key and shard
+  key, ``name``, ``email``, ``age``, ``active``) sharded over
+  ``TABLE_SHARDS`` = 4 physical tables ``dal_bench_users_0`` .. ``_3`` in one
+  shard database (a primary only);
+* the keys are drawn with a seeded RNG among the rows that live in the first
+  physical table, ``dal_bench_users_0``, so that dal (which hashes every key
+  and routes it there) and the baselines (which query that physical table
+  directly, as an application without dal would) read exactly the same rows.
+
+``pg.get.nocache`` measures ``await repo.get(key)`` of a started
+:class:`~dal.DataLayer` on PostgreSQL (no cache in front), against:
+
+* ``asyncpg.pool.fetchrow``: ``await pool.fetchrow(sql, key)`` on an
+  ``asyncpg.create_pool()`` with asyncpg's default settings;
+* ``asyncpg.conn.fetchrow``: ``await conn.fetchrow(sql, key)`` on one held
+  connection (at concurrency > 1 the tasks share it through an
+  :class:`asyncio.Lock`: the honest limit of one connection);
+* ``sqlalchemy.orm.get``: ``async with Session() as s: await s.get(User, key)``
+  per operation with ``create_async_engine("postgresql+asyncpg://...")``
+  (a new session each time, so the identity map never answers).
+
+``mysql.get.nocache`` measures the same ``repo.get(key)`` on MariaDB/MySQL
+against ``aiomysql.pool.autocommit``: ``aiomysql.create_pool(autocommit=True)``,
+then per operation acquire, cursor, execute, fetchone, release.
+
+The ``:c32`` variants run the same operations from 32 concurrent tasks. The dal
+pool, the asyncpg pool, the SQLAlchemy pool and the aiomysql pool are all
+capped at ``pool_size`` = 10 connections (asyncpg's and aiomysql's default
+maximum).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dal.bench.measure import Comparison, Contender, Op
+from dal.layer import DataLayer
+
+LOGICAL_TABLE = "dal_bench_users"
+TABLE_SHARDS = 4
+PHYSICAL_TABLE = f"{LOGICAL_TABLE}_0"  # where every benchmarked key lives
+COLUMNS = ("id", "name", "email", "age", "active")
+CONCURRENCY = 32
+KEY_COUNT = 100_000  # length of the pre-generated key sequence (cycled)
+
+Backend = Literal["pg", "mysql"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioSpec:
+    """A dal scenario: its backend, concurrency, baselines and targets (max ratios)."""
+
+    name: str
+    backend: Backend
+    concurrency: int
+    baselines: tuple[str, ...]
+    targets: Mapping[str, float]
+
+
+def _specs() -> dict[str, ScenarioSpec]:
+    pg_base = ("asyncpg.pool.fetchrow", "asyncpg.conn.fetchrow", "sqlalchemy.orm.get")
+    my_base = ("aiomysql.pool.autocommit",)
+    pg_targets = {"asyncpg.pool.fetchrow": 0.7, "asyncpg.conn.fetchrow": 1.25, "sqlalchemy.orm.get": 1 / 3}
+    my_targets = {"aiomysql.pool.autocommit": 1.2}
+    out: dict[str, ScenarioSpec] = {}
+    for name, backend, bases, targets in (
+        ("pg.get.nocache", "pg", pg_base, pg_targets),
+        ("mysql.get.nocache", "mysql", my_base, my_targets),
+    ):
+        be: Backend = "pg" if backend == "pg" else "mysql"
+        out[name] = ScenarioSpec(name, be, 1, bases, targets)
+        sfx = f":c{CONCURRENCY}"
+        out[name + sfx] = ScenarioSpec(name + sfx, be, CONCURRENCY, tuple(b + sfx for b in bases), {})
+    return out
+
+
+SCENARIOS: dict[str, ScenarioSpec] = _specs()
+"""Every dal scenario by name, in run order. Targets apply to the single-task variants."""
+
+
+def select(only: Sequence[str]) -> list[str]:
+    """Scenario names matching ``only`` (all when empty).
+
+    A pattern matches a name exactly, or as a prefix ending at a ``.`` or ``:``
+    boundary: ``pg.get.nocache`` selects it and ``pg.get.nocache:c32``; ``pg``
+    selects every PostgreSQL scenario. An unknown pattern raises ValueError.
+    """
+    if not only:
+        return list(SCENARIOS)
+    chosen: set[str] = set()
+    for pattern in only:
+        hits = {
+            n for n in SCENARIOS if n == pattern or n.startswith(pattern + ".") or n.startswith(pattern + ":")
+        }
+        if not hits:
+            raise ValueError(f"no scenario matches {pattern!r}; known: {', '.join(SCENARIOS)}")
+        chosen |= hits
+    return [n for n in SCENARIOS if n in chosen]
+
+
+@dataclass(frozen=True, slots=True)
+class SuiteOptions:
+    """Data and pool sizes shared by every scenario."""
+
+    rows: int = 10_000
+    seed: int = 1234
+    pool_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.rows < TABLE_SHARDS * 10:
+            raise ValueError(f"rows must be >= {TABLE_SHARDS * 10}")
+        if self.pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+
+
+# -- schema and data --------------------------------------------------------------------
+def bench_metadata() -> sa.MetaData:
+    """The logical table dal is given (the physical tables are copies of it)."""
+    md = sa.MetaData()
+    sa.Table(
+        LOGICAL_TABLE,
+        md,
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("name", sa.String(64), nullable=False),
+        sa.Column("email", sa.String(128)),
+        sa.Column("age", sa.Integer),
+        sa.Column("active", sa.Boolean, nullable=False),
+    )
+    return md
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class BenchUser(_Base):
+    """The SQLAlchemy ORM baseline's mapped class, on the physical table the keys live in."""
+
+    __tablename__ = PHYSICAL_TABLE
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(64))
+    email: Mapped[str | None] = mapped_column(sa.String(128))
+    age: Mapped[int | None] = mapped_column(sa.Integer)
+    active: Mapped[bool] = mapped_column(sa.Boolean)
+
+
+Row = tuple[int, str, str, int, bool]
+
+
+def make_rows(n: int) -> list[Row]:
+    """Rows ``1 .. n``; deterministic."""
+    return [(i, f"user{i:06d}", f"user{i}@example.com", 18 + i % 70, i % 3 != 0) for i in range(1, n + 1)]
+
+
+def _by_table(layer: DataLayer, rows: Sequence[Row]) -> dict[str, list[Row]]:
+    table = layer.tables[LOGICAL_TABLE]
+    out: dict[str, list[Row]] = {p.table: [] for p in table.placements}
+    for row in rows:
+        out[table.place(row[0]).table].append(row)
+    return out
+
+
+def _keys(by_table: Mapping[str, Sequence[Row]], seed: int) -> list[int]:
+    ids = [r[0] for r in by_table[PHYSICAL_TABLE]]
+    return random.Random(seed).choices(ids, k=KEY_COUNT)
+
+
+def _topology(url: URL, pool_size: int) -> dict[str, Any]:
+    return {
+        "databases": {"bench": {"primary": url.render_as_string(hide_password=False)}},
+        "tables": {LOGICAL_TABLE: {"shard_key": "id", "table_shards": TABLE_SHARDS}},
+        "pool": {"min_size": 1, "max_size": pool_size},
+    }
+
+
+async def _start_layer(stack: contextlib.AsyncExitStack, url: URL, opts: SuiteOptions) -> DataLayer:
+    """A started layer with fresh (empty) bench tables, dropped again when ``stack`` closes."""
+    # env={}: DAL_BENCH_PRIMARY and the like in the environment must not redirect the bench.
+    layer = DataLayer(_topology(url, opts.pool_size), bench_metadata(), env={})
+    stack.push_async_callback(layer.aclose)
+    await layer.start()
+    stack.push_async_callback(layer.drop_all)  # runs before aclose, after the baselines close
+    await layer.drop_all()  # leftovers of an interrupted run
+    await layer.create_all()
+    if layer.tables[LOGICAL_TABLE].physical[0].name != PHYSICAL_TABLE:
+        raise RuntimeError("unexpected physical table naming")
+    return layer
+
+
+async def _check(name: str, op: Op, key: int, row_id: Callable[[Any], object]) -> None:
+    """Fail early unless ``op`` really returns the row for ``key``."""
+    got = await op(key)
+    if got is None or row_id(got) != key:
+        raise RuntimeError(f"{name}: expected the row with id {key}, got {got!r}")
+
+
+def _locked(lock: asyncio.Lock, op: Op) -> Op:
+    async def run(key: Any) -> object:
+        async with lock:
+            return await op(key)
+
+    return run
+
+
+def _comparisons(
+    backend: Backend,
+    keys: Sequence[int],
+    dal_op: Op,
+    baselines: Callable[[int], dict[str, Op]],
+) -> dict[str, Comparison]:
+    out: dict[str, Comparison] = {}
+    for spec in SCENARIOS.values():
+        if spec.backend != backend:
+            continue
+        ops = baselines(spec.concurrency)
+        sfx = "" if spec.concurrency == 1 else f":c{spec.concurrency}"
+        out[spec.name] = Comparison(
+            name=spec.name,
+            concurrency=spec.concurrency,
+            dal=Contender(spec.name, dal_op),
+            baselines=tuple(Contender(base + sfx, op) for base, op in ops.items()),
+            keys=keys,
+            targets=spec.targets,
+            description=f"repo.get(key) on {backend}, {spec.concurrency} concurrent task(s)",
+        )
+    return out
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncIterator[dict[str, Comparison]]:
+    """PostgreSQL comparisons on loaded tables; everything is closed and dropped on exit."""
+    import asyncpg
+
+    u = make_url(url)
+    info["dsn"] = u.render_as_string(hide_password=True)
+    connect_kw: dict[str, Any] = {
+        "host": u.host or "127.0.0.1",
+        "port": u.port or 5432,
+        "user": u.username,
+        "password": u.password,
+        "database": u.database,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        layer = await _start_layer(stack, u.set(drivername="postgresql+asyncpg"), opts)
+        conn = await asyncpg.connect(**connect_kw)
+        stack.push_async_callback(conn.close)
+        info["version"] = str(await conn.fetchval("SHOW server_version"))
+        by_table = _by_table(layer, make_rows(opts.rows))
+        for table, rows in by_table.items():
+            await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
+            await conn.execute(f'ANALYZE "{table}"')
+        keys = _keys(by_table, opts.seed)
+
+        pool = await asyncpg.create_pool(**connect_kw)  # asyncpg's defaults: min 10, max 10 connections
+        stack.push_async_callback(pool.close)
+        engine = create_async_engine(
+            u.set(drivername="postgresql+asyncpg"), pool_size=opts.pool_size, max_overflow=0
+        )
+        stack.push_async_callback(engine.dispose)
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {PHYSICAL_TABLE} WHERE id = $1"
+        repo = layer.repository(LOGICAL_TABLE)
+        lock = asyncio.Lock()
+
+        async def orm_get(key: Any) -> object:
+            async with sessions() as s:
+                return await s.get(BenchUser, key)
+
+        def baselines(concurrency: int) -> dict[str, Op]:
+            conn_op: Op = functools.partial(conn.fetchrow, sql)
+            return {
+                "asyncpg.pool.fetchrow": functools.partial(pool.fetchrow, sql),
+                "asyncpg.conn.fetchrow": conn_op if concurrency == 1 else _locked(lock, conn_op),
+                "sqlalchemy.orm.get": orm_get,
+            }
+
+        await _check("dal", repo.get, keys[0], lambda r: r["id"])
+        for name, op in baselines(1).items():
+            await _check(name, op, keys[0], lambda r: r.id if isinstance(r, BenchUser) else r["id"])
+        info["rows"] = opts.rows
+        yield _comparisons("pg", keys, repo.get, baselines)
+
+
+# -- MySQL / MariaDB --------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def mysql_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncIterator[dict[str, Comparison]]:
+    """MySQL/MariaDB comparisons on loaded tables; everything is closed and dropped on exit."""
+    import aiomysql
+
+    u = make_url(url)
+    info["dsn"] = u.render_as_string(hide_password=True)
+    async with contextlib.AsyncExitStack() as stack:
+        layer = await _start_layer(stack, u.set(drivername="mysql+aiomysql"), opts)
+        # aiomysql's defaults (minsize 1, maxsize 10) but autocommit, as dal runs.
+        pool = await aiomysql.create_pool(
+            host=u.host or "127.0.0.1",
+            port=u.port or 3306,
+            user=u.username or "root",
+            password=u.password or "",
+            db=u.database,
+            charset=str(u.query.get("charset", "utf8mb4")),
+            autocommit=True,
+        )
+
+        async def close_pool() -> None:
+            pool.close()
+            await pool.wait_closed()
+
+        stack.push_async_callback(close_pool)
+        by_table = _by_table(layer, make_rows(opts.rows))
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT VERSION()")
+            info["version"] = str((await cur.fetchone())[0])
+            for table, rows in by_table.items():
+                insert = f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES (%s, %s, %s, %s, %s)"
+                for i in range(0, len(rows), 1000):
+                    await cur.executemany(insert, rows[i : i + 1000])
+                await cur.execute(f"ANALYZE TABLE {table}")
+                await cur.fetchall()
+        keys = _keys(by_table, opts.seed)
+
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {PHYSICAL_TABLE} WHERE id = %s"
+        repo = layer.repository(LOGICAL_TABLE)
+
+        async def pool_get(key: Any) -> object:
+            async with pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(sql, (key,))
+                return await cur.fetchone()
+
+        def baselines(concurrency: int) -> dict[str, Op]:
+            return {"aiomysql.pool.autocommit": pool_get}
+
+        await _check("dal", repo.get, keys[0], lambda r: r["id"])
+        await _check("aiomysql.pool.autocommit", pool_get, keys[0], lambda r: r[0])
+        info["rows"] = opts.rows
+        yield _comparisons("mysql", keys, repo.get, baselines)
+
+
+SUITES = {"pg": pg_suite, "mysql": mysql_suite}
