@@ -126,7 +126,10 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 
 def _with_log(msg: str, log: Path) -> str:
-    return f"{msg}\n--- last {_LOG_TAIL_LINES} lines of {log} ---\n{_tail(log)}\n--- end of log ---"
+    return (
+        f"{msg}\n--- last {_LOG_TAIL_LINES} lines of {log} "
+        f"(set {_KEEP_ENV}=1 to keep the temp dir) ---\n{_tail(log)}\n--- end of log ---"
+    )
 
 
 def _run(
@@ -164,14 +167,13 @@ def _run(
 
 
 def _base_env(home: Path) -> dict[str, str]:
-    env = {
+    return {
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "LANG": "C",
         "LC_ALL": "C",
-        "HOME": str(home),  # keep ~/.pgpass, ~/.my.cnf etc. of the caller out of it
+        "HOME": str(home),  # keep the caller's ~/.pgpass, ~/.my.cnf etc. out of it
         "TZ": "UTC",
     }
-    return env
 
 
 _OWNER_FILE = "owner.pid"
@@ -385,8 +387,10 @@ def _drop_stale_pg_state(datadir: Path, sockdir: Path, port: int) -> None:
         key, shmid = (int(x) for x in pidfile.read_text().splitlines()[6].split())
         for row in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
             f = row.split()
-            # columns: key shmid perms size cpid lpid nattch ...
-            if int(f[0]) == key and int(f[1]) == shmid and int(f[6]) == 0:
+            # columns: key shmid perms size cpid lpid nattch ...; key_t is printed signed
+            # here but unsigned in postmaster.pid.
+            same_key = int(f[0]) & 0xFFFFFFFF == key & 0xFFFFFFFF
+            if same_key and int(f[1]) == shmid and int(f[6]) == 0:
                 ctypes.CDLL(None, use_errno=True).shmctl(shmid, 0, None)  # IPC_RMID
     for p in (pidfile, sockdir / f".s.PGSQL.{port}", sockdir / f".s.PGSQL.{port}.lock"):
         with contextlib.suppress(FileNotFoundError):
@@ -589,9 +593,12 @@ class PgReplicaSet:
         )
 
     def _make_server(self, role: str, datadir: Path, port: int) -> _Server:
+        # On the standby cluster_name is also the walreceiver's application_name,
+        # which _wait_streaming looks for in pg_stat_replication.
+        cluster_name = self.standby_name if role == "standby" else "dal_primary"
         argv = [
             self._bin("postgres"), "-D", str(datadir), "-p", str(port),
-            "-c", f"cluster_name=dal_{role}",  # also the walreceiver's application_name
+            "-c", f"cluster_name={cluster_name}",
         ]  # fmt: skip
         return _Server(
             f"postgres {role}",
