@@ -1,4 +1,4 @@
-"""The ``dal`` command: ``dal demo``, ``dal bench``.
+"""The ``dal`` command: ``dal demo``, ``dal migrate``, ``dal bench``.
 
 Exit codes: 0 success, 1 a dal error (message on stderr, no traceback),
 2 bad usage.
@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", metavar="FILE", help="a dal.toml topology (default: 2 SQLite shard databases)")
     demo.add_argument("--dir", metavar="DIR", help="keep the SQLite files in DIR (default: a temp dir)")
 
+    migrate = sub.add_parser("migrate", help="versioned schema migrations on every shard")
+    from dal.migrate.cli import add_arguments as add_migrate_arguments
+
+    add_migrate_arguments(migrate)
+
     bench = sub.add_parser("bench", help="benchmark dal against the raw drivers")
     from dal.bench import add_arguments
 
@@ -40,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(run_demo(args.config, directory=args.dir, out=sys.stdout))
             return 0
+        if args.command == "migrate":
+            from dal.migrate.cli import main_from_args as migrate_main
+
+            return migrate_main(args)
         if args.command == "bench":
             from dal.bench import main_from_args
 

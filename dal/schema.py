@@ -92,6 +92,27 @@ def _checker_for(column: sa.Column[Any]) -> Checker:
     return anything
 
 
+def sharder_for(spec: TableSpec, config: Config) -> Sharder | None:
+    """The sharder of a sharded table (``None`` for a global one)."""
+    if spec.shard_key is None:
+        return None
+    dbs = spec.databases or tuple(d.name for d in config.databases)
+    if spec.slot_map is not None:
+        slot_dbs = explicit_slot_map(spec.name, spec.table_shards, spec.slot_map, dbs)
+    else:
+        slot_dbs = contiguous_slot_map(spec.table_shards, dbs)
+    return Sharder(spec.name, spec.table_shards, slot_dbs)
+
+
+def placements_for(spec: TableSpec, config: Config) -> tuple[Placement, ...]:
+    """Every physical table of a configured table (needs no declared columns)."""
+    sharder = sharder_for(spec, config)
+    if sharder is not None:
+        return sharder.placements
+    assert spec.database is not None
+    return (Placement(0, spec.database, spec.name),)
+
+
 def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Table:
     """A copy of ``logical`` named ``name`` in ``metadata``.
 
@@ -139,19 +160,9 @@ class LogicalTable:
                     f"{where}.shard_key",
                     f"the primary key {list(pk)} must include the shard key {spec.shard_key!r}",
                 )
-            dbs = spec.databases or tuple(d.name for d in config.databases)
-            if spec.slot_map is not None:
-                slot_dbs = explicit_slot_map(spec.name, spec.table_shards, spec.slot_map, dbs)
-            else:
-                slot_dbs = contiguous_slot_map(spec.table_shards, dbs)
-            self.sharder: Sharder | None = Sharder(spec.name, spec.table_shards, slot_dbs)
-            self.shard_key: str | None = spec.shard_key
-            self.placements: tuple[Placement, ...] = self.sharder.placements
-        else:
-            assert spec.database is not None
-            self.sharder = None
-            self.shard_key = None
-            self.placements = (Placement(0, spec.database, spec.name),)
+        self.sharder: Sharder | None = sharder_for(spec, config)
+        self.shard_key: str | None = spec.shard_key
+        self.placements: tuple[Placement, ...] = placements_for(spec, config)
         self._shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
         self._checkers: dict[str, Checker] = {c.name: _checker_for(c) for c in table.columns}
         self._single_pk = len(pk) == 1

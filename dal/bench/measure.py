@@ -15,6 +15,9 @@ sees the same keys in the same order.
 * A round runs a contender for ``round_seconds`` of wall time: operations
   start until the deadline, and the round's wall time runs until the last one
   has finished. Throughput of a round = operations / wall time.
+* The process's CPU time (user + system) is recorded per round too: the
+  client-side cost per operation, which other load on the machine disturbs
+  less than wall time (it excludes time spent waiting for the server).
 * Before the first round every contender runs ``warmup_ops`` operations that
   are not recorded (connections opened, statements prepared, caches warm).
 * Rounds alternate the contenders A B C, C B A, A B C, ... so slow drift of
@@ -47,8 +50,8 @@ Op = Callable[[Any], Awaitable[object]]
 class Timing:
     """How long to measure: ``rounds`` x ``round_seconds`` per contender, after a warm-up."""
 
-    rounds: int = 5
-    round_seconds: float = 0.5
+    rounds: int = 10
+    round_seconds: float = 0.25
     warmup_ops: int = 500
 
     def __post_init__(self) -> None:
@@ -91,10 +94,11 @@ class Comparison:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One timed run of one contender: operations, wall time, and every latency."""
+    """One timed run of one contender: operations, wall time, this process's CPU time, latencies."""
 
     ops: int
     wall_ns: int
+    cpu_ns: int
     latencies_ns: list[int]
 
     @property
@@ -121,6 +125,12 @@ class Result:
     @property
     def ops_per_s(self) -> float:
         return statistics.median(r.ops_per_s for r in self.runs)
+
+    @property
+    def cpu_us_per_op(self) -> float:
+        """This process's CPU time (user + system: the client side) per operation."""
+        ops = self.ops
+        return sum(r.cpu_ns for r in self.runs) / ops / 1000.0 if ops else math.nan
 
     def percentile_us(self, q: float) -> float:
         lat = sorted(x for r in self.runs for x in r.latencies_ns)
@@ -162,6 +172,7 @@ async def drive(
     n = len(keys)
     limit = max_ops if max_ops is not None else math.inf
     started = 0
+    cpu0 = time.process_time_ns()
     start = perf()
     deadline = start + int(seconds * 1e9) if seconds is not None else None
 
@@ -183,7 +194,8 @@ async def drive(
         async with asyncio.TaskGroup() as tg:
             for w in range(concurrency):
                 tg.create_task(worker(w))
-    return Run(len(lat), perf() - start, lat)
+    wall = perf() - start
+    return Run(len(lat), wall, time.process_time_ns() - cpu0, lat)
 
 
 Progress = Callable[[str], None]

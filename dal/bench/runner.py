@@ -11,6 +11,8 @@ JSON written to ``--json PATH`` (and returned by :func:`run_bench`)::
          "ops_per_s": 15000.0, "p50_us": 62.1, "p99_us": 110.4, "ops": 37000, "rounds": 5,
          "vs": {"asyncpg.pool.fetchrow": 0.62, ...},          # dal / baseline time per op
          "vs_range": {"asyncpg.pool.fetchrow": [0.6, 0.64], ...},  # min, max over rounds
+         "vs_cpu": {"asyncpg.pool.fetchrow": 0.5, ...},     # dal / baseline client CPU per op
+         "cpu_us_per_op": 40.2,                             # this process's CPU time per op
          "targets": {"asyncpg.pool.fetchrow": 0.7, ...}},
         {"name": "asyncpg.pool.fetchrow", "kind": "baseline", "baseline_of": "pg.get.nocache",
          "vs": {}, ...},
@@ -32,8 +34,8 @@ optional::
     rows = 10000          # rows loaded into the bench table
     seed = 1234           # key sequence
     pool_size = 10        # max connections of every pool (dal and baselines)
-    rounds = 5            # alternating rounds per scenario
-    round_seconds = 0.5   # per contender per round
+    rounds = 10           # alternating rounds per scenario
+    round_seconds = 0.25  # per contender per round
     warmup_ops = 500      # per contender, before the first round
 
 Server URLs are taken from the arguments, else the config file, else
@@ -69,8 +71,8 @@ from dal.bench.scenarios import SCENARIOS, SUITES, SuiteOptions, select
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
 
-FULL = Timing(rounds=5, round_seconds=0.5, warmup_ops=500)
-QUICK = Timing(rounds=3, round_seconds=0.25, warmup_ops=200)
+FULL = Timing(rounds=10, round_seconds=0.25, warmup_ops=500)
+QUICK = Timing(rounds=4, round_seconds=0.2, warmup_ops=200)
 
 
 class BenchError(Exception):
@@ -165,6 +167,7 @@ def _entry(result: Result, rounds: int) -> dict[str, Any]:
         "ops_per_s": _num(result.ops_per_s, 1),
         "p50_us": _num(result.percentile_us(0.50), 1),
         "p99_us": _num(result.percentile_us(0.99), 1),
+        "cpu_us_per_op": _num(result.cpu_us_per_op, 1),
         "ops": result.ops,
         "rounds": rounds,
     }
@@ -178,10 +181,12 @@ def scenario_entries(comparison: Comparison, results: Sequence[Result], rounds: 
     head["description"] = comparison.description
     head["vs"] = {}
     head["vs_range"] = {}
+    head["vs_cpu"] = {}
     for b in bases:
         med, lo, hi = paired_ratio(dal, b)
         head["vs"][b.name] = _num(med, 3)
         head["vs_range"][b.name] = [_num(lo, 3), _num(hi, 3)]
+        head["vs_cpu"][b.name] = _num(dal.cpu_us_per_op / b.cpu_us_per_op, 3)
     head["targets"] = {k: _num(v, 3) for k, v in comparison.targets.items()}
     out = [head]
     for b in bases:
@@ -236,7 +241,8 @@ def _notes(settings: Settings) -> list[str]:
         "ratio = dal's wall time per operation / the baseline's, median over paired rounds; < 1 means dal is faster",
         f"each contender: {t.warmup_ops} warm-up ops, then {t.rounds} rounds x {t.round_seconds:g} s, "
         "rounds alternating A B C / C B A",
-        "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency",
+        "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency; "
+        "cpu µs = this process's CPU time (user + system) per op, the client side only",
         f"{o.rows} rows over {4} physical tables; keys: seeded random ids (seed {o.seed}) of the rows in "
         "dal_bench_users_0, which the baselines query directly",
         f"pools: dal max_size={o.pool_size}; asyncpg.create_pool() defaults (min 10, max 10); "
@@ -250,15 +256,20 @@ def _notes(settings: Settings) -> list[str]:
 
 def print_table(report: Mapping[str, Any], out: TextIO) -> None:
     """The readable form of ``report``: dal rows, each followed by its baselines and ratios."""
-    w = 28
-    print(f"\n{'scenario':<{w}} {'conc':>4} {'ops/s':>10} {'p50 µs':>9} {'p99 µs':>9}  dal/baseline", file=out)
-    print("-" * (w + 4 + 10 + 9 + 9 + 18), file=out)
+    w = 30
+    print(
+        f"\n{'scenario':<{w}} {'conc':>4} {'ops/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'cpu µs':>7}"
+        "  dal/baseline time per op [min-max over rounds]",
+        file=out,
+    )
+    print("-" * (w + 4 + 9 + 8 + 8 + 7 + 52), file=out)
     entries = report["scenarios"]
     for e in entries:
         if e["kind"] != "dal":
             continue
         print(
-            f"{e['name']:<{w}} {e['concurrency']:>4} {e['ops_per_s']:>10,.0f} {e['p50_us']:>9.1f} {e['p99_us']:>9.1f}",
+            f"{e['name']:<{w}} {e['concurrency']:>4} {e['ops_per_s']:>9,.0f} {e['p50_us']:>8.1f} "
+            f"{e['p99_us']:>8.1f} {e['cpu_us_per_op']:>7.1f}",
             file=out,
         )
         for b in entries:
@@ -271,8 +282,8 @@ def print_table(report: Mapping[str, Any], out: TextIO) -> None:
             if target is not None:
                 verdict = f"  target <= {target:.2f}: {'met' if ratio <= target else 'MISSED'}"
             print(
-                f"  {b['name']:<{w - 2}} {b['concurrency']:>4} {b['ops_per_s']:>10,.0f} {b['p50_us']:>9.1f} "
-                f"{b['p99_us']:>9.1f}  {ratio:.3f}x [{lo:.2f}-{hi:.2f}]{verdict}",
+                f"  {b['name']:<{w - 2}} {b['concurrency']:>4} {b['ops_per_s']:>9,.0f} {b['p50_us']:>8.1f} "
+                f"{b['p99_us']:>8.1f} {b['cpu_us_per_op']:>7.1f}  {ratio:.3f}x [{lo:.2f}-{hi:.2f}]{verdict}",
                 file=out,
             )
     for note in report.get("notes", []):
