@@ -19,6 +19,6 @@ See :mod:`dal.bench.scenarios` (what is measured) and :mod:`dal.bench.measure`
 
 from dal.bench.measure import Timing
 from dal.bench.runner import BenchError, add_arguments, main_from_args, run_bench
-from dal.bench.scenarios import SCENARIOS
+from dal.bench.scenarios import SCENARIOS, SuiteOptions
 
-__all__ = ["SCENARIOS", "BenchError", "Timing", "add_arguments", "main_from_args", "run_bench"]
+__all__ = ["SCENARIOS", "BenchError", "SuiteOptions", "Timing", "add_arguments", "main_from_args", "run_bench"]

@@ -34,6 +34,7 @@ optional::
     rows = 10000          # rows loaded into the bench table
     seed = 1234           # key sequence
     pool_size = 10        # max connections of every pool (dal and baselines)
+    table = "dal_bench_users"  # logical table (physical: table_0 .. table_3), dropped at the end
     rounds = 10           # alternating rounds per scenario
     round_seconds = 0.25  # per contender per round
     warmup_ops = 500      # per contender, before the first round
@@ -66,7 +67,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 
 from dal.bench.measure import Comparison, Result, Timing, compare, paired_ratio
-from dal.bench.scenarios import SCENARIOS, SUITES, SuiteOptions, select
+from dal.bench.scenarios import SCENARIOS, SUITES, TABLE_SHARDS, SuiteOptions, select
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
@@ -93,6 +94,7 @@ _CONFIG_KEYS = {
     "rows": int,
     "seed": int,
     "pool_size": int,
+    "table": str,
     "rounds": int,
     "round_seconds": float,
     "warmup_ops": int,
@@ -144,6 +146,7 @@ def resolve_settings(
             rows=cfg.get("rows", defaults.rows),
             seed=cfg.get("seed", defaults.seed),
             pool_size=cfg.get("pool_size", defaults.pool_size),
+            table=cfg.get("table", defaults.table),
         )
     except ValueError as exc:
         raise BenchError(f"config {config}: {exc}") from None
@@ -221,6 +224,7 @@ def _cpu_model() -> str:
 def machine_info(servers: Mapping[str, Any]) -> dict[str, Any]:
     """Python, OS, CPU and library versions, and the servers (DSNs masked)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    loop = asyncio.get_running_loop()
     return {
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -229,7 +233,7 @@ def machine_info(servers: Mapping[str, Any]) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "loadavg_at_end": [round(x, 2) for x in load],
-        "event_loop": type(asyncio.get_running_loop()).__module__,
+        "event_loop": f"{type(loop).__module__}.{type(loop).__qualname__}",
         "packages": _versions(),
         "servers": dict(servers),
     }
@@ -243,13 +247,16 @@ def _notes(settings: Settings) -> list[str]:
         "rounds alternating A B C / C B A",
         "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency; "
         "cpu µs = this process's CPU time (user + system) per op, the client side only",
-        f"{o.rows} rows over {4} physical tables; keys: seeded random ids (seed {o.seed}) of the rows in "
-        "dal_bench_users_0, which the baselines query directly",
+        f"{o.rows} rows in {o.table} over {TABLE_SHARDS} physical tables; keys: seeded random ids "
+        f"(seed {o.seed}) of the rows in {o.physical_table}, which the baselines query directly",
         f"pools: dal max_size={o.pool_size}; asyncpg.create_pool() defaults (min 10, max 10); "
         f"SQLAlchemy pool_size={o.pool_size}, max_overflow=0; aiomysql.create_pool() defaults "
         "(min 1, max 10) with autocommit=True",
+        "asyncpg.pool.fetchrow: asyncpg's pool runs its reset query on every release (its default): "
+        "two round trips per op",
         "asyncpg.conn.fetchrow at c32: 32 tasks share one connection through an asyncio.Lock",
-        "sqlalchemy.orm.get: a new AsyncSession per op (async with sessions() as s: await s.get(User, key))",
+        "sqlalchemy.orm.get: a new AsyncSession per op (async with sessions() as s: await s.get(User, key)); "
+        "it runs BEGIN, the SELECT and ROLLBACK",
         "targets apply to the single-task scenarios; the bench never fails on them",
     ]
 
@@ -327,14 +334,17 @@ async def run_bench(
     mysql_url: str | None = None,
     out: TextIO = sys.stdout,
     timing: Timing | None = None,
+    options: SuiteOptions | None = None,
 ) -> dict[str, Any]:
     """Run the selected scenarios; print a table to ``out``; write JSON to ``json_path``.
 
-    ``timing`` overrides the rounds/durations (for tests). Returns the report
-    that the JSON holds. Raises :class:`BenchError` for a bad ``only``/config;
-    the bench tables are dropped however the run ends.
+    ``timing`` and ``options`` override the rounds/durations and the data
+    (rows, table name, pool size), e.g. for tests. Returns the report that the
+    JSON holds. Raises :class:`BenchError` for a bad ``only``/config; the bench
+    tables are dropped however the run ends.
     """
     wall0 = time.perf_counter()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
         names = select(only)
     except ValueError as exc:
@@ -342,6 +352,8 @@ async def run_bench(
     settings = resolve_settings(quick=quick, config=config, pg_url=pg_url, mysql_url=mysql_url)
     if timing is not None:
         settings = replace(settings, timing=timing)
+    if options is not None:
+        settings = replace(settings, options=options)
     urls = {"pg": settings.pg_url, "mysql": settings.mysql_url}
 
     t = settings.timing
@@ -372,8 +384,9 @@ async def run_bench(
             "only": list(only),
             "timing": {"rounds": t.rounds, "round_seconds": t.round_seconds, "warmup_ops": t.warmup_ops},
             "rows": settings.options.rows,
+            "table": settings.options.table,
             "pool_size": settings.options.pool_size,
-            "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "started_utc": started,
             "wall_s": 0.0,
         },
         "notes": _notes(settings),

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import functools
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,7 +55,6 @@ from dal.layer import DataLayer
 
 LOGICAL_TABLE = "dal_bench_users"
 TABLE_SHARDS = 4
-PHYSICAL_TABLE = f"{LOGICAL_TABLE}_0"  # where every benchmarked key lives
 COLUMNS = ("id", "name", "email", "age", "active")
 CONCURRENCY = 32
 KEY_COUNT = 100_000  # length of the pre-generated key sequence (cycled)
@@ -116,25 +116,33 @@ def select(only: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class SuiteOptions:
-    """Data and pool sizes shared by every scenario."""
+    """Data, pool size and table name shared by every scenario."""
 
     rows: int = 10_000
     seed: int = 1234
     pool_size: int = 10
+    table: str = LOGICAL_TABLE  # logical table; the physical ones are {table}_0 .. _3
 
     def __post_init__(self) -> None:
         if self.rows < TABLE_SHARDS * 10:
             raise ValueError(f"rows must be >= {TABLE_SHARDS * 10}")
         if self.pool_size < 1:
             raise ValueError("pool_size must be >= 1")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", self.table):
+            raise ValueError("table must be a lowercase identifier of at most 41 characters")
+
+    @property
+    def physical_table(self) -> str:
+        """The physical table every benchmarked key lives in (the baselines query it)."""
+        return f"{self.table}_0"
 
 
 # -- schema and data --------------------------------------------------------------------
-def bench_metadata() -> sa.MetaData:
+def bench_metadata(table: str = LOGICAL_TABLE) -> sa.MetaData:
     """The logical table dal is given (the physical tables are copies of it)."""
     md = sa.MetaData()
     sa.Table(
-        LOGICAL_TABLE,
+        table,
         md,
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("name", sa.String(64), nullable=False),
@@ -145,20 +153,22 @@ def bench_metadata() -> sa.MetaData:
     return md
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class BenchUser(_Base):
+def orm_class(table_name: str) -> type[Any]:
     """The SQLAlchemy ORM baseline's mapped class, on the physical table the keys live in."""
 
-    __tablename__ = PHYSICAL_TABLE
+    class Base(DeclarativeBase):
+        pass
 
-    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(sa.String(64))
-    email: Mapped[str | None] = mapped_column(sa.String(128))
-    age: Mapped[int | None] = mapped_column(sa.Integer)
-    active: Mapped[bool] = mapped_column(sa.Boolean)
+    class BenchUser(Base):
+        __tablename__ = table_name
+
+        id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(64))
+        email: Mapped[str | None] = mapped_column(sa.String(128))
+        age: Mapped[int | None] = mapped_column(sa.Integer)
+        active: Mapped[bool] = mapped_column(sa.Boolean)
+
+    return BenchUser
 
 
 Row = tuple[int, str, str, int, bool]
@@ -169,37 +179,37 @@ def make_rows(n: int) -> list[Row]:
     return [(i, f"user{i:06d}", f"user{i}@example.com", 18 + i % 70, i % 3 != 0) for i in range(1, n + 1)]
 
 
-def _by_table(layer: DataLayer, rows: Sequence[Row]) -> dict[str, list[Row]]:
-    table = layer.tables[LOGICAL_TABLE]
+def _by_table(layer: DataLayer, table_name: str, rows: Sequence[Row]) -> dict[str, list[Row]]:
+    table = layer.tables[table_name]
     out: dict[str, list[Row]] = {p.table: [] for p in table.placements}
     for row in rows:
         out[table.place(row[0]).table].append(row)
     return out
 
 
-def _keys(by_table: Mapping[str, Sequence[Row]], seed: int) -> list[int]:
-    ids = [r[0] for r in by_table[PHYSICAL_TABLE]]
-    return random.Random(seed).choices(ids, k=KEY_COUNT)
+def _keys(by_table: Mapping[str, Sequence[Row]], opts: SuiteOptions) -> list[int]:
+    ids = [r[0] for r in by_table[opts.physical_table]]
+    return random.Random(opts.seed).choices(ids, k=KEY_COUNT)
 
 
-def _topology(url: URL, pool_size: int) -> dict[str, Any]:
+def _topology(url: URL, opts: SuiteOptions) -> dict[str, Any]:
     return {
         "databases": {"bench": {"primary": url.render_as_string(hide_password=False)}},
-        "tables": {LOGICAL_TABLE: {"shard_key": "id", "table_shards": TABLE_SHARDS}},
-        "pool": {"min_size": 1, "max_size": pool_size},
+        "tables": {opts.table: {"shard_key": "id", "table_shards": TABLE_SHARDS}},
+        "pool": {"min_size": 1, "max_size": opts.pool_size},
     }
 
 
 async def _start_layer(stack: contextlib.AsyncExitStack, url: URL, opts: SuiteOptions) -> DataLayer:
     """A started layer with fresh (empty) bench tables, dropped again when ``stack`` closes."""
     # env={}: DAL_BENCH_PRIMARY and the like in the environment must not redirect the bench.
-    layer = DataLayer(_topology(url, opts.pool_size), bench_metadata(), env={})
+    layer = DataLayer(_topology(url, opts), bench_metadata(opts.table), env={})
     stack.push_async_callback(layer.aclose)
     await layer.start()
     stack.push_async_callback(layer.drop_all)  # runs before aclose, after the baselines close
     await layer.drop_all()  # leftovers of an interrupted run
     await layer.create_all()
-    if layer.tables[LOGICAL_TABLE].physical[0].name != PHYSICAL_TABLE:
+    if layer.tables[opts.table].physical[0].name != opts.physical_table:
         raise RuntimeError("unexpected physical table naming")
     return layer
 
@@ -238,7 +248,10 @@ def _comparisons(
             baselines=tuple(Contender(base + sfx, op) for base, op in ops.items()),
             keys=keys,
             targets=spec.targets,
-            description=f"repo.get(key) on {backend}, {spec.concurrency} concurrent task(s)",
+            description=(
+                f"await repo.get(key) on {'PostgreSQL' if backend == 'pg' else 'MySQL/MariaDB'}, "
+                f"random existing keys, {spec.concurrency} concurrent task(s) doing sequential gets"
+            ),
         )
     return out
 
@@ -263,11 +276,11 @@ async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncI
         conn = await asyncpg.connect(**connect_kw)
         stack.push_async_callback(conn.close)
         info["version"] = str(await conn.fetchval("SHOW server_version"))
-        by_table = _by_table(layer, make_rows(opts.rows))
+        by_table = _by_table(layer, opts.table, make_rows(opts.rows))
         for table, rows in by_table.items():
             await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
             await conn.execute(f'ANALYZE "{table}"')
-        keys = _keys(by_table, opts.seed)
+        keys = _keys(by_table, opts)
 
         pool = await asyncpg.create_pool(**connect_kw)  # asyncpg's defaults: min 10, max 10 connections
         stack.push_async_callback(pool.close)
@@ -277,13 +290,14 @@ async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncI
         stack.push_async_callback(engine.dispose)
         sessions = async_sessionmaker(engine, expire_on_commit=False)
 
-        sql = f"SELECT {', '.join(COLUMNS)} FROM {PHYSICAL_TABLE} WHERE id = $1"
-        repo = layer.repository(LOGICAL_TABLE)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = $1"
+        repo = layer.repository(opts.table)
         lock = asyncio.Lock()
+        user = orm_class(opts.physical_table)
 
         async def orm_get(key: Any) -> object:
             async with sessions() as s:
-                return await s.get(BenchUser, key)
+                return await s.get(user, key)
 
         def baselines(concurrency: int) -> dict[str, Op]:
             conn_op: Op = functools.partial(conn.fetchrow, sql)
@@ -295,7 +309,7 @@ async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncI
 
         await _check("dal", repo.get, keys[0], lambda r: r["id"])
         for name, op in baselines(1).items():
-            await _check(name, op, keys[0], lambda r: r.id if isinstance(r, BenchUser) else r["id"])
+            await _check(name, op, keys[0], lambda r: r.id if isinstance(r, user) else r["id"])
         info["rows"] = opts.rows
         yield _comparisons("pg", keys, repo.get, baselines)
 
@@ -326,7 +340,7 @@ async def mysql_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> Asy
             await pool.wait_closed()
 
         stack.push_async_callback(close_pool)
-        by_table = _by_table(layer, make_rows(opts.rows))
+        by_table = _by_table(layer, opts.table, make_rows(opts.rows))
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("SELECT VERSION()")
             info["version"] = str((await cur.fetchone())[0])
@@ -336,10 +350,10 @@ async def mysql_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> Asy
                     await cur.executemany(insert, rows[i : i + 1000])
                 await cur.execute(f"ANALYZE TABLE {table}")
                 await cur.fetchall()
-        keys = _keys(by_table, opts.seed)
+        keys = _keys(by_table, opts)
 
-        sql = f"SELECT {', '.join(COLUMNS)} FROM {PHYSICAL_TABLE} WHERE id = %s"
-        repo = layer.repository(LOGICAL_TABLE)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = %s"
+        repo = layer.repository(opts.table)
 
         async def pool_get(key: Any) -> object:
             async with pool.acquire() as conn, conn.cursor() as cur:

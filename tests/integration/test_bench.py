@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dal.bench import Timing, run_bench
+from dal.bench import BenchError, SuiteOptions, Timing, run_bench
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,8 @@ async def test_bench_pg_get_nocache_json(tmp_path: Path) -> None:
         json_path=str(path),
         out=out,
         timing=Timing(rounds=2, round_seconds=0.1, warmup_ops=50),
+        # Own table name: a `dal bench` running at the same time keeps its tables.
+        options=SuiteOptions(rows=2000, table="dal_bench_pytest"),
     )
     report = json.loads(path.read_text())
     assert report == returned
@@ -60,7 +62,39 @@ async def test_bench_pg_get_nocache_json(tmp_path: Path) -> None:
 
 
 async def test_bench_rejects_unknown_scenario() -> None:
-    from dal.bench import BenchError
-
     with pytest.raises(BenchError, match="no scenario matches"):
         await run_bench(only=["pg.nope"], out=io.StringIO())
+
+
+def test_only_matches_names_and_prefixes() -> None:
+    from dal.bench.scenarios import select
+
+    assert select(["pg.get.nocache"]) == ["pg.get.nocache", "pg.get.nocache:c32"]
+    assert select(["pg.get.nocache:c32"]) == ["pg.get.nocache:c32"]
+    assert select(["mysql"]) == ["mysql.get.nocache", "mysql.get.nocache:c32"]
+    assert len(select([])) == 4
+    with pytest.raises(ValueError):
+        select(["pg.get.noc"])  # prefixes end at a '.' or ':' boundary
+
+
+def test_cli_arguments_and_config(tmp_path: Path) -> None:
+    import argparse
+
+    from dal.bench import add_arguments
+    from dal.bench.runner import resolve_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--only", "pg.get.nocache", "--only", "mysql", "--quick", "--json", "b.json"])
+    assert args.only == ["pg.get.nocache", "mysql"] and args.quick and args.json_path == "b.json"
+    assert args.config is None
+
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text('[bench]\npg_url = "postgresql://u:secret@db:5433/x"\nrows = 500\nround_seconds = 1\n')
+    s = resolve_settings(quick=False, config=str(cfg), pg_url=None, mysql_url=None, env={})
+    assert s.pg_url == "postgresql://u:secret@db:5433/x" and s.options.rows == 500
+    assert s.timing.round_seconds == 1.0
+    assert s.mysql_url == "mysql://root@127.0.0.1:3306/test"
+    cfg.write_text("[bench]\nrowz = 1\n")
+    with pytest.raises(BenchError, match="unknown key"):
+        resolve_settings(quick=False, config=str(cfg), pg_url=None, mysql_url=None, env={})
