@@ -136,7 +136,8 @@ class Repository(Generic[RowT]):
         if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
-        self._by_role = {role: self._router.route_all(table, role) for role in Role}
+        self._primary_targets = self._router.route_all(table, Role.PRIMARY)
+        self._replica_targets = self._router.route_all(table, Role.REPLICA)
         self._stmts: tuple[Statements, ...] = tuple(
             layer.statements(table, p.database) for p in table.placements
         )
@@ -161,7 +162,8 @@ class Repository(Generic[RowT]):
 
     def _key_target(self, key: object, role: Role) -> tuple[Target, tuple[Any, ...]]:
         slot, kv = self._table.locate_key(key)
-        return self._by_role[role][slot], kv
+        targets = self._primary_targets if role is Role.PRIMARY else self._replica_targets
+        return targets[slot], kv
 
     async def _fetch_one(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> Row | None:
         if self._tx is not None:
@@ -186,11 +188,23 @@ class Repository(Generic[RowT]):
     # -- reads by key --------------------------------------------------------------
     async def get(self, key: Any, *, primary: bool = False) -> RowT | None:
         """The row with primary key ``key``, or ``None``."""
-        target, kv = self._key_target(key, self._role(primary))
-        st = self._stmts[target.slot]
-        c = st.get[target.slot]
-        row = await self._fetch_one(target, c, st.key_only(c, kv))
-        return None if row is None else self._out(st.row(row))
+        slot, kv = self._table.locate_key(key)
+        st = self._stmts[slot]
+        c = st.get[slot]
+        params = kv if st.key_direct else c.params(st.key_params(kv))
+        if self._tx is None:
+            # The hot path: no transaction, so straight to the node.
+            if primary or self._layer._read_primary.get():
+                node = self._cluster.node(self._primary_targets[slot])
+            else:
+                node = self._cluster.node(self._replica_targets[slot])
+            row = await node.fetch_one(c.sql, params)
+        else:
+            row = await self._fetch_one(self._primary_targets[slot], c, params)
+        if row is None:
+            return None
+        out = st.row(row)
+        return cast(RowT, out if self._row_type is None else self._row_type(**out))
 
     async def get_many(self, keys: Iterable[Any], *, primary: bool = False) -> dict[Any, RowT]:
         """Rows for ``keys`` (missing ones are absent), keyed by key.
@@ -201,8 +215,9 @@ class Repository(Generic[RowT]):
         keys = list(keys)
         checked = {}
         for key in keys:
+            kv = t.key_values(key)  # validate first: a bad key may not even be hashable
             if key not in checked:
-                checked[key] = t.key_values(key)
+                checked[key] = kv
         groups = self._router.group(t, checked, self._role(primary))
         self._check_targets(groups)
         jobs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = []
@@ -279,6 +294,8 @@ class Repository(Generic[RowT]):
         after: Mapping[str, Any] | None,
     ) -> Query:
         t = self._table
+        if where is not None and not isinstance(where, Mapping):
+            raise ValidationError(f"where must be a mapping of column names to values, got {type(where).__name__}")
         conditions: list[tuple[str, Filter]] = []
         for name, cond in (where or {}).items():
             col = t.column(name)
@@ -296,6 +313,8 @@ class Repository(Generic[RowT]):
             conditions.append((col, f))
         if isinstance(order_by, str):
             order_by = [order_by]
+        elif not isinstance(order_by, Sequence):
+            raise ValidationError(f"order_by takes a column name or a list of them, got {type(order_by).__name__}")
         order: list[tuple[str, bool]] = []
         for item in order_by:
             if type(item) is not str:

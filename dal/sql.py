@@ -184,8 +184,8 @@ class Statements:
             for i, proc in self._result_procs:
                 if values[i] is not None:
                     values[i] = proc(values[i])
-            return dict(zip(self.table.columns, values, strict=True))
-        return dict(zip(self.table.columns, record, strict=True))
+            return dict(zip(self.table.columns, values))  # noqa: B905 - the SELECT fixes the width
+        return dict(zip(self.table.columns, record))  # noqa: B905
 
     # -- fixed shapes ----------------------------------------------------------
     def _pk_clause(self, t: sa.Table) -> sa.ColumnElement[bool]:

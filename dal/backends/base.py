@@ -17,7 +17,6 @@ whose last operation lost it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -71,6 +70,15 @@ def mark_if_lost(conn: Connection, exc: BaseException) -> None:
     """Flag ``conn`` for discard when ``exc`` says its state is unknown or gone."""
     if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | asyncio.CancelledError) or not isinstance(exc, DalError):
         conn.broken = True
+
+
+class _Expired(Exception):
+    """Set on a waiter whose acquire_timeout passed."""
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 class Pool:
@@ -154,29 +162,28 @@ class Pool:
         while True:
             fut: asyncio.Future[Connection | None] = loop.create_future()
             self._waiters.append(fut)
+            # One timer per wait rather than asyncio.timeout(): this is the hot path
+            # of a saturated pool. Done futures stay in the deque; _wake_one skips them.
+            timer = loop.call_at(deadline, _expire, fut)
             try:
-                async with asyncio.timeout_at(deadline):
-                    got = await fut
+                got = await fut
             except BaseException as exc:
-                # Handed a connection (or a free slot) just as we timed out or were
-                # cancelled: pass it on rather than leak it.
+                # Handed a connection (or a free slot) just as we were cancelled:
+                # pass it on rather than leak it.
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     handed = fut.result()
                     if handed is not None:
                         self.release(handed)
                     else:
                         self._wake_one()
-                if isinstance(exc, TimeoutError):
+                if isinstance(exc, _Expired):
                     raise PoolTimeoutError(
                         f"{self.name}: no free connection within acquire_timeout="
                         f"{self._settings.acquire_timeout}s (max_size={self._settings.max_size})"
                     ) from None
                 raise
             finally:
-                if not fut.done():
-                    fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+                timer.cancel()
             if got is not None:
                 return got
             # A slot was freed (a connection discarded): open one ourselves.

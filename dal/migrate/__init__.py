@@ -6,7 +6,13 @@ for how runs are locked, transactional (PostgreSQL, SQLite) or resumable
 """
 
 from dal.migrate.ops import MigrationError, Operations, Probe, Step
-from dal.migrate.runner import DatabaseResult, DatabaseStatus, LockTimeoutError, Migrator, ReadOnlyNodeError
+from dal.migrate.runner import (
+    DatabaseResult,
+    DatabaseStatus,
+    LockTimeoutError,
+    Migrator,
+    ReadOnlyNodeError,
+)
 from dal.migrate.scripts import Migration, load_migrations, new_migration
 
 __all__ = [

@@ -71,7 +71,7 @@ class _Capture:
     def __init__(self, dialect_name: str) -> None:
         self.out: list[str] = []
         ctx = MigrationContext.configure(dialect_name=dialect_name, opts={"as_sql": True})
-        ctx.impl.static_output = self.out.append  # type: ignore[method-assign]
+        ctx.impl.static_output = self.out.append  # type: ignore[method-assign, assignment]
         self.op = AlembicOperations(ctx)
         self.dialect = ctx.dialect
 
