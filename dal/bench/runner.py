@@ -25,7 +25,8 @@ JSON written to ``--json PATH`` (and returned by :func:`run_bench`)::
 
 A ratio below 1 means dal takes less time per operation than the baseline.
 
-``--config FILE`` is a TOML file with a ``[bench]`` table; every key is
+``--config FILE`` is a dal.toml (the first PostgreSQL and the first MySQL
+primary of its topology are benched) and/or a ``[bench]`` table; every key is
 optional::
 
     [bench]
@@ -110,8 +111,24 @@ def _read_config(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"config {path}: invalid TOML: {exc}") from None
     section = data.get("bench", {})
-    if not isinstance(section, dict) or set(data) - {"bench"}:
-        raise BenchError(f"config {path}: expected only a [bench] table")
+    if not isinstance(section, dict):
+        raise BenchError(f"config {path}: [bench] must be a table")
+    topology = {k: v for k, v in data.items() if k != "bench"}
+    if topology:
+        # A dal.toml: bench its first PostgreSQL and first MySQL primary.
+        from dal.config import Config
+        from dal.errors import ConfigError
+
+        try:
+            cfg = Config.from_dict(topology)
+        except ConfigError as exc:
+            raise BenchError(f"config {path}: {exc}") from None
+        for db in cfg.databases:
+            url = db.primary.dsn.url
+            key = {"postgresql": "pg_url", "mysql": "mysql_url"}.get(db.backend)
+            if key is not None and key not in section:
+                plain = url.set(drivername="postgresql" if key == "pg_url" else "mysql")
+                section = {**section, key: plain.render_as_string(hide_password=False)}
     for key, value in section.items():
         typ = _CONFIG_KEYS.get(key)
         if typ is None:
@@ -413,7 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"run only this scenario, or those it prefixes (repeatable): {', '.join(SCENARIOS)}",
     )
     parser.add_argument(
-        "--config", metavar="FILE", help="TOML file with a [bench] table (server URLs, rows, durations)"
+        "--config", metavar="FILE", help="a dal.toml topology (its first PostgreSQL and MySQL primaries) and/or a [bench] table"
     )
 
 

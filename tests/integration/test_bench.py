@@ -98,3 +98,19 @@ def test_cli_arguments_and_config(tmp_path: Path) -> None:
     cfg.write_text("[bench]\nrowz = 1\n")
     with pytest.raises(BenchError, match="unknown key"):
         resolve_settings(quick=False, config=str(cfg), pg_url=None, mysql_url=None, env={})
+
+
+def test_config_may_be_a_dal_toml(tmp_path: Path) -> None:
+    from dal.bench.runner import resolve_settings
+
+    cfg = tmp_path / "dal.toml"
+    cfg.write_text(
+        '[databases.db0]\nprimary = "sqlite+aiosqlite:///x.db"\n'
+        '[databases.db1]\nprimary = "postgresql+asyncpg://u:pw@pg.example:5433/app"\n'
+        '[databases.db2]\nprimary = "mariadb+aiomysql://root@my.example/app"\n'
+        "[bench]\nrows = 100\n"
+    )
+    s = resolve_settings(quick=True, config=str(cfg), pg_url=None, mysql_url=None, env={})
+    assert s.pg_url == "postgresql://u:pw@pg.example:5433/app"
+    assert s.mysql_url == "mysql://root@my.example/app"
+    assert s.options.rows == 100
