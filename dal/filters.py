@@ -48,7 +48,8 @@ def like(pattern: str) -> Filter:
 
 
 def in_(values: Iterable[Any]) -> Filter:
-    return Filter("in", list(values))
+    # Filter rejects a str/bytes or a non-collection with ValidationError.
+    return Filter("in", list(values) if isinstance(values, Iterable) and not isinstance(values, str | bytes) else values)
 
 
 def is_null() -> Filter:

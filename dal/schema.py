@@ -228,7 +228,10 @@ class LogicalTable:
         """
         if self._single_pk:
             if key is None:
-                raise ShardKeyError(f"{self.name}.{self.primary_key[0]}: key value must not be None")
+                # as key_values(): ShardKeyError only when the key is the shard key
+                raise (ShardKeyError if self.sharder is not None else ValidationError)(
+                    f"{self.name}.{self.primary_key[0]}: key value must not be None"
+                )
             slot = 0 if self.sharder is None else self.sharder.slot(key)
             problem = self._pk_checker(key)
             if problem is not None:

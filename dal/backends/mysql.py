@@ -44,7 +44,9 @@ from .base import Row
 _DUPLICATE = {1062, 1586}
 _FOREIGN_KEY = {1216, 1217, 1451, 1452}
 _NOT_NULL = {1048, 1364}
-_DATA = {1264, 1265, 1292, 1366, 1406, 1690}
+_DATA = {1153, 1264, 1265, 1292, 1366, 1406, 1690}
+# Errors after which the server closes the connection although the client does not know yet.
+_FATAL = {1153}  # ER_NET_PACKET_TOO_LARGE: a value bigger than max_allowed_packet
 _SCHEMA = {1054, 1146}
 _READ_ONLY = {1290, 1792, 1836}
 _TIMEOUT = {1205, 1317, 1969, 3024}
@@ -168,7 +170,8 @@ class MySQLConnection:
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
-        if isinstance(err, ConnectionUnavailableError | QueryTimeoutError) or self._conn.closed:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if isinstance(err, ConnectionUnavailableError | QueryTimeoutError) or self._conn.closed or code in _FATAL:
             self.broken = True
         return err
 

@@ -35,7 +35,8 @@ from dal.errors import (
 
 from .base import Row
 
-_ERRORS = (sqlite3.Error, ValueError)
+# OverflowError: an int beyond SQLite's 64-bit INTEGER, raised by sqlite3 when binding.
+_ERRORS = (sqlite3.Error, ValueError, OverflowError)
 
 # Close tasks in flight, referenced so they are not garbage-collected mid-way.
 _closing: set[asyncio.Task[None]] = set()
@@ -60,7 +61,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
         return QueryTimeoutError(msg)
     if "readonly database" in low or "read-only" in low:
         return ReadOnlyError(msg)
-    if isinstance(exc, sqlite3.DataError) or "too big" in low:
+    if isinstance(exc, sqlite3.DataError | OverflowError) or "too big" in low:
         return DataError(msg)
     if isinstance(exc, ValueError) or "closed" in low or "unable to open" in low or "disk i/o" in low:
         return ConnectionUnavailableError(msg)
@@ -142,10 +143,10 @@ def database_path(spec: NodeSpec) -> str:
 
 async def connect(spec: NodeSpec) -> SQLiteConnection:
     path = database_path(spec)
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
     timeout = spec.pool.query_timeout or spec.pool.acquire_timeout
     try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(
             path,
             isolation_level=None,
@@ -159,6 +160,6 @@ async def connect(spec: NodeSpec) -> SQLiteConnection:
             f"PRAGMA busy_timeout={int(timeout * 1000)}",
         ):
             await conn.execute(pragma)
-    except _ERRORS as exc:
+    except (*_ERRORS, OSError) as exc:
         raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
     return SQLiteConnection(conn, spec.name)

@@ -8,6 +8,7 @@ transaction's own reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -182,10 +183,9 @@ async def test_swallowed_cross_shard_error_still_fails_the_block(layer: DataLaye
         async with users.transaction(local) as tx:
             await tx.insert({"id": local, "name": "local"})
             await tx.repository("orders").insert(order(local, 1))
-            try:
+            # the caller swallows the error and leaves the block normally
+            with contextlib.suppress(CrossShardTransactionError):
                 await tx.repository("orders").insert(order(other, 1))
-            except CrossShardTransactionError:
-                pass  # the caller swallows it and leaves the block normally
     assert not isinstance(ei.value, CrossShardTransactionError)
     assert await raw_user(layer, local) == []
     assert await raw_orders(layer, local) == []
@@ -195,10 +195,8 @@ async def test_swallowed_cross_shard_error_still_fails_the_block(layer: DataLaye
         async with users.transaction(local) as tx:
             await tx.insert({"id": local, "name": "local"})
             for _ in range(2):
-                try:
+                with contextlib.suppress(TransactionError):
                     await tx.get(other)
-                except TransactionError:
-                    pass
     assert await raw_total(layer, "users") == 0
     assert await raw_total(layer, "orders") == 0
 
@@ -337,13 +335,13 @@ async def test_transaction_cancelled_mid_statement_leaves_nothing_behind(layer: 
     for attempt, victim in enumerate(ids_on_db("db0", 5, start=30_000)):
         progress = asyncio.Event()
 
-        async def busy(victim: int = victim, progress: asyncio.Event = progress) -> None:
+        async def busy(victim: int = victim, progress: asyncio.Event = progress, at: int = 3 + attempt) -> None:
             async with users.transaction(victim) as tx:
                 await tx.insert({"id": victim, "name": "busy"})
                 orders = tx.repository("orders")
                 for oid in range(1, 100_000):
                     await orders.insert(order(victim, oid))
-                    if oid == 3 + attempt:
+                    if oid == at:
                         progress.set()
 
         task = asyncio.create_task(busy())
