@@ -61,14 +61,35 @@ def _checker_for(column: sa.Column[Any]) -> Checker:
 
         return check
 
+    def ranged(inner: Checker, lo: Any, hi: Any, label: str, *, exclusive: bool = False) -> Checker:
+        def check(v: Any) -> str | None:
+            problem = inner(v)
+            if problem is not None or v is None:
+                return problem
+            try:
+                outside = (v <= lo or v >= hi) if exclusive else (v < lo or v > hi)
+            except ArithmeticError:  # Decimal('NaN') does not compare
+                return f"{v!r} is not a number {label} can hold"
+            if outside or v != v:  # NaN
+                return f"value out of range for {label}"
+            return None
+
+        return check
+
     if py is bool:
         return need((bool,), "bool")
     if py is int:
-        return need((int,), "int")
+        bits = 16 if isinstance(column.type, sa.SmallInteger) else 64 if isinstance(column.type, sa.BigInteger) else 32
+        return ranged(need((int,), "int"), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, f"{bits}-bit {tname}")
     if py is float:
         return need((int, float, decimal.Decimal), "a number")
     if py is decimal.Decimal:
-        return need((int, float, decimal.Decimal), "a number")
+        check = need((int, float, decimal.Decimal), "a number")
+        precision, scale = getattr(column.type, "precision", None), getattr(column.type, "scale", None) or 0
+        if precision is None:
+            return check
+        bound = decimal.Decimal(10) ** (precision - scale)
+        return ranged(check, -bound, bound, f"{tname}({precision}, {scale})", exclusive=True)
     if py is str:
         return need((str,), "str")
     if py is bytes:
@@ -131,6 +152,13 @@ def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Ta
         for cons in copy.constraints:
             if isinstance(cons.name, str) and cons.name:
                 cons.name = f"{cons.name}{suffix}"
+    # MySQL's default collations compare 'a' = 'A' = 'a ': two keys CRC32 routes
+    # apart would collide in one table. Compare as exactly as routing does,
+    # unless the declaration chose a collation itself.
+    mysql_opts = copy.dialect_options["mysql"]
+    if "collate" not in mysql_opts._non_defaults:
+        mysql_opts["charset"] = mysql_opts._non_defaults.get("charset", "utf8mb4")
+        mysql_opts["collate"] = "utf8mb4_bin"
     return copy
 
 

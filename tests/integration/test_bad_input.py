@@ -561,15 +561,6 @@ async def test_integers_beyond_64_bits(seeded: DataLayer) -> None:
 async def test_values_outside_the_declared_column_range(
     seeded: DataLayer, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="dal checks types and string lengths but not numeric ranges; SQLite (dynamic "
-                "typing) stores 2**31 in an Integer column and 1e12 in Numeric(12, 2), where "
-                "PostgreSQL and MariaDB raise DataError",
-            )
-        )
     layer = seeded
     users = layer.repository("users")
     orders = layer.repository("orders")
