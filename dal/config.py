@@ -185,6 +185,110 @@ class DatabaseSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How one table's rows are cached (see :mod:`dal.cache`). Times are seconds.
+
+    Every TTL is drawn from ``ttl * (1 ± jitter)`` per entry, so entries filled
+    together do not expire together. ``schema_version`` is part of every L2
+    key: bumping it orphans the old entries (they expire by TTL).
+    ``fresh_window`` is how long after a write of a key cache fills of that
+    key read the primary instead of a replica that may not have replayed it.
+    """
+
+    enabled: bool = True
+    l1_ttl: float = 10.0
+    l1_max_size: int = 10_000
+    l2_ttl: float = 300.0
+    jitter: float = 0.1
+    negative_ttl: float = 30.0
+    serializer: str = "msgpack"
+    namespace: str = "dal"
+    schema_version: int = 1
+    bloom: bool = True
+    bloom_capacity: int = 1_000_000
+    bloom_error_rate: float = 0.001
+    bloom_source: str = "database"
+    lease_ttl: float = 2.0
+    lease_wait: float = 0.25
+    fresh_window: float = 5.0
+    version_ttl: float = 86_400.0
+
+    def validate(self, where: str) -> None:
+        for name in ("l1_ttl", "l2_ttl", "negative_ttl", "lease_ttl", "version_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}", "must be > 0")
+        for name in ("lease_wait", "fresh_window"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}", "must be >= 0")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"{where}.jitter", "must be in [0, 1)")
+        if self.l1_max_size < 1:
+            raise ConfigError(f"{where}.l1_max_size", "must be >= 1")
+        if self.serializer not in ("msgpack", "json"):
+            raise ConfigError(f"{where}.serializer", f"unknown serializer {self.serializer!r}; expected msgpack or json")
+        if self.bloom_source not in ("database", "redis"):
+            raise ConfigError(f"{where}.bloom_source", "expected database or redis")
+        if not 0 < self.bloom_error_rate < 1:
+            raise ConfigError(f"{where}.bloom_error_rate", "must be in (0, 1)")
+        if self.bloom_capacity < 1:
+            raise ConfigError(f"{where}.bloom_capacity", "must be >= 1")
+        if not _IDENT.match(self.namespace.replace(".", "_").replace("-", "_")):
+            raise ConfigError(f"{where}.namespace", "letters, digits, '_', '-', '.' only")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The shared L2 (Redis) and its failure handling; ``redis`` unset means L1 only."""
+
+    redis: DSNText | None = None
+    cluster: bool = False
+    timeout: float = 0.25
+    breaker_failures: int = 3
+    breaker_reset: float = 1.0
+    channel: str = "dal:invalidate"
+
+    def validate(self) -> None:
+        if self.timeout <= 0:
+            raise ConfigError("cache.timeout", "must be > 0")
+        if self.breaker_failures < 1:
+            raise ConfigError("cache.breaker_failures", "must be >= 1")
+        if self.breaker_reset <= 0:
+            raise ConfigError("cache.breaker_reset", "must be > 0")
+
+
+class DSNText:
+    """A Redis URL whose password never leaks through ``str``/``repr``."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str, *, field_name: str = "cache.redis") -> None:
+        try:
+            parsed = make_url(url.replace("rediss://", "redis://", 1))
+        except (ArgumentError, ValueError, TypeError):
+            raise ConfigError(field_name, "not a valid Redis URL") from None
+        if not url.startswith(("redis://", "rediss://", "unix://")) or (parsed.host is None and not url.startswith("unix://")):
+            raise ConfigError(field_name, "expected redis://, rediss:// or unix:// URL")
+        self.url = url
+
+    @property
+    def masked(self) -> str:
+        scheme = self.url.split("://", 1)[0]
+        return scheme + "://" + make_url(self.url.replace(scheme + "://", "redis://", 1)).render_as_string(hide_password=True).split("://", 1)[1]
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"DSNText({self.masked!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DSNText) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class TableSpec:
     """How a logical table is placed.
 
@@ -200,6 +304,7 @@ class TableSpec:
     databases: tuple[str, ...] | None = None
     slot_map: Mapping[str, tuple[int, ...]] | None = None
     database: str | None = None
+    cache: CachePolicy | None = None
 
     @property
     def is_global(self) -> bool:
@@ -216,6 +321,7 @@ class Config:
     max_rows_scanned: int = 100_000
     fanout_concurrency: int = 16
     metadata: str | None = None
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -270,6 +376,7 @@ class Config:
             raise ConfigError("dal.max_rows_scanned", "must be >= 1")
         if self.fanout_concurrency < 1:
             raise ConfigError("dal.fanout_concurrency", "must be >= 1")
+        self.cache.validate()
         tnames: set[str] = set()
         for t in self.tables:
             where = f"tables.{t.name}"
@@ -299,6 +406,9 @@ class Config:
                 raise ConfigError(f"{where}.databases", "must not be empty")
             if t.slot_map is not None:
                 explicit_slot_map(t.name, t.table_shards, t.slot_map, t.databases or tuple(seen))
+        for t in self.tables:
+            if t.cache is not None:
+                t.cache.validate(f"tables.{t.name}.cache")
 
     # -- loaders ----------------------------------------------------------------
     @classmethod
@@ -309,7 +419,7 @@ class Config:
         """
         env = os.environ if env is None else env
         data = dict(data)
-        _only(data, {"dal", "pool", "databases", "tables"}, "")
+        _only(data, {"dal", "pool", "databases", "tables", "cache"}, "")
         top = dict(data.get("dal") or {})
         _only(top, {"balancing", "max_rows_scanned", "fanout_concurrency", "metadata"}, "dal")
         default_pool = _pool(data.get("pool") or {}, "pool", PoolSettings())
@@ -323,12 +433,16 @@ class Config:
                     f"its environment overrides ({_env_name(name)}_*) collide with database {other!r}",
                 )
         databases = tuple(_database(name, raw, default_pool, env) for name, raw in items)
-        tables = tuple(_table(name, raw) for name, raw in _named_items(data.get("tables"), "tables"))
+        cache_raw = dict(data.get("cache") or {})
+        cache_settings, cache_defaults = _cache(cache_raw, env)
+        tables = tuple(
+            _table(name, raw, cache_defaults) for name, raw in _named_items(data.get("tables"), "tables")
+        )
         kwargs: dict[str, Any] = {}
         for key, typ in (("balancing", str), ("max_rows_scanned", int), ("fanout_concurrency", int), ("metadata", str)):
             if key in top:
                 kwargs[key] = _typed(top[key], typ, f"dal.{key}")
-        return cls(databases=databases, tables=tables, **kwargs)
+        return cls(databases=databases, tables=tables, cache=cache_settings, **kwargs)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
@@ -445,9 +559,47 @@ def _node(default_name: str, raw: Any, role: Literal["primary", "replica"], pool
     return NodeSpec(name, DSN(raw["dsn"], field_name=f"{where}.dsn"), role, weight, node_pool)
 
 
-def _table(name: str, raw: Mapping[str, Any]) -> TableSpec:
+_CACHE_SETTINGS = {"redis": str, "cluster": bool, "timeout": float, "breaker_failures": int, "breaker_reset": float, "channel": str}
+_POLICY_TYPES: dict[str, type] = {
+    f.name: {"bool": bool, "float": float, "int": int, "str": str}[str(f.type)] for f in fields(CachePolicy)
+}
+
+
+def _cache(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[CacheSettings, CachePolicy]:
+    """``[cache]``: the Redis settings plus defaults for every table's policy."""
+    _only(raw, set(_CACHE_SETTINGS) | set(_POLICY_TYPES), "cache")
+    settings: dict[str, Any] = {}
+    for key, typ in _CACHE_SETTINGS.items():
+        if key in raw:
+            settings[key] = _typed(raw[key], typ, f"cache.{key}")
+    url = env.get("DAL_REDIS_URL", settings.get("redis"))
+    settings["redis"] = DSNText(url) if url else None
+    defaults = _policy({k: v for k, v in raw.items() if k in _POLICY_TYPES}, "cache", CachePolicy(enabled=False))
+    return CacheSettings(**settings), defaults
+
+
+def _policy(raw: Mapping[str, Any], where: str, base: CachePolicy) -> CachePolicy:
+    _only(raw, set(_POLICY_TYPES), where)
+    values = {k: _typed(v, _POLICY_TYPES[k], f"{where}.{k}") for k, v in raw.items()}
+    policy = replace(base, **values)
+    policy.validate(where)
+    return policy
+
+
+def _table(name: str, raw: Mapping[str, Any], cache_defaults: CachePolicy | None = None) -> TableSpec:
     where = f"tables.{name}"
-    _only(raw, {"shard_key", "table_shards", "databases", "slot_map", "database"}, where)
+    _only(raw, {"shard_key", "table_shards", "databases", "slot_map", "database", "cache"}, where)
+    cache: CachePolicy | None = None
+    cache_raw = raw.get("cache")
+    base = cache_defaults or CachePolicy(enabled=False)
+    if cache_raw is True:
+        cache = replace(base, enabled=True)
+    elif isinstance(cache_raw, Mapping):
+        cache = _policy(cache_raw, f"{where}.cache", replace(base, enabled=True))
+    elif cache_raw is None or cache_raw is False:
+        cache = base if base.enabled else None
+    else:
+        raise ConfigError(f"{where}.cache", "expected true, false or a table of cache settings")
     shard_key = raw.get("shard_key")
     if shard_key is not None:
         shard_key = _typed(shard_key, str, f"{where}.shard_key")
@@ -470,7 +622,7 @@ def _table(name: str, raw: Mapping[str, Any]) -> TableSpec:
     database = raw.get("database")
     if database is not None:
         database = _typed(database, str, f"{where}.database")
-    return TableSpec(name, shard_key, shards, dbs, slot_map, database)
+    return TableSpec(name, shard_key, shards, dbs, slot_map, database, cache if cache and cache.enabled else None)
 
 
 def load_config(

@@ -20,9 +20,9 @@ import importlib
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
@@ -34,6 +34,9 @@ from dal.repository import Repository
 from dal.routing.router import Router
 from dal.schema import LogicalTable, bind_tables
 from dal.sql import Statements, make_dialect
+
+if TYPE_CHECKING:
+    from dal.cache.tiered import CacheRuntime, TableCache
 
 R = TypeVar("R", bound=Repository[Any])
 
@@ -85,6 +88,7 @@ class DataLayer:
         *,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.config = load_config(config, env=env)
@@ -105,6 +109,28 @@ class DataLayer:
         )
         self._fanout = asyncio.Semaphore(self.config.fanout_concurrency)
         self._started = False
+        self.cache: CacheRuntime | None = None
+        cached = [t for t in self._tables.values() if t.spec.cache is not None]
+        if cached:
+            from dal.cache.tiered import CacheRuntime, TableCache
+
+            s = self.config.cache
+            self.cache = CacheRuntime(
+                redis_url=s.redis.url if s.redis is not None else None,
+                cluster=s.cluster,
+                timeout=s.timeout,
+                breaker_failures=s.breaker_failures,
+                breaker_reset=s.breaker_reset,
+                channel=s.channel,
+                clock=clock,
+                wall=wall,
+                rng=rng,
+            )
+            for t in cached:
+                assert t.spec.cache is not None
+                self.cache.add(
+                    TableCache(t.name, t.spec.cache, self.cache, deep_copy=t.mutable_values, scan_keys=self._key_scanner(t))
+                )
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,10 +138,14 @@ class DataLayer:
         if not self._started:
             self._started = True
             await self.cluster.start()
+            if self.cache is not None:
+                await self.cache.start()
 
     async def aclose(self) -> None:
         """Close every pool."""
         self._started = False
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.cluster.aclose()
 
     async def __aenter__(self) -> DataLayer:
@@ -145,6 +175,33 @@ class DataLayer:
                 raise ConfigError(table.__name__, "a Repository subclass needs table_name")
             return table(self, self.router.table(table.table_name), row_type=row_type)
         return Repository(self, self.router.table(table), row_type=row_type)
+
+    def cache_of(self, table: str) -> TableCache | None:
+        """The cache of ``table`` in this process, if it is cached."""
+        return None if self.cache is None else self.cache.tables.get(table)
+
+    def _key_scanner(self, table: LogicalTable) -> Callable[[], AsyncIterator[tuple[Any, ...]]]:
+        """Stream every primary key of ``table`` from its primaries (Bloom filter warm-up)."""
+
+        async def scan() -> AsyncIterator[tuple[Any, ...]]:
+            batch = 10_000
+            for p in table.placements:
+                st = self.statements(table, p.database)
+                node = self.cluster.primary(p.database)
+                after: tuple[Any, ...] | None = None
+                while True:
+                    c = st.scan_keys(p.slot, after=after is not None)
+                    values: dict[str, Any] = {"lim": batch}
+                    if after is not None:
+                        values.update({f"a{i}": v for i, v in enumerate(after)})
+                    rows = await node.fetch_all(c.sql, c.params(values))
+                    for r in rows:
+                        yield tuple(r)
+                    if len(rows) < batch:
+                        break
+                    after = tuple(rows[-1])
+
+        return scan
 
     def read_primary(self) -> _PrimaryScope:
         """A scope (``with`` or ``async with``) in which every read goes to a primary."""

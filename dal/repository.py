@@ -29,6 +29,8 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 from dal.backends.base import Connection, Row
+from dal.cache.keys import encode_cache_key
+from dal.cache.local import MISS
 from dal.errors import (
     CrossShardTransactionError,
     ScanLimitExceededError,
@@ -40,6 +42,7 @@ from dal.schema import LogicalTable, as_mapping
 from dal.sql import Compiled, Filter, Query, Statements
 
 if TYPE_CHECKING:
+    from dal.cache.tiered import TableCache
     from dal.layer import DataLayer
 
 RowT = TypeVar("RowT")
@@ -51,13 +54,15 @@ _CHUNK = 500  # keys per IN list: well under every backend's parameter limit
 class _Tx:
     """The state of one single-shard transaction shared by its bound repositories."""
 
-    __slots__ = ("conn", "database", "failure", "open")
+    __slots__ = ("after_commit", "conn", "database", "failure", "open")
 
     def __init__(self, database: str, conn: Connection) -> None:
         self.database = database
         self.conn = conn
         self.open = True
         self.failure: str | None = None
+        # Cache invalidations of the writes, run once the transaction commits.
+        self.after_commit: list[tuple[TableCache, list[bytes], bool]] = []
 
     def check(self, target: Target, table: str) -> Connection:
         if not self.open:
@@ -136,6 +141,7 @@ class Repository(Generic[RowT]):
         if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
+        self._cache: TableCache | None = layer.cache_of(table.name)
         self._primary_targets = self._router.route_all(table, Role.PRIMARY)
         self._replica_targets = self._router.route_all(table, Role.REPLICA)
         self._stmts: tuple[Statements, ...] = tuple(
@@ -188,6 +194,15 @@ class Repository(Generic[RowT]):
     # -- reads by key --------------------------------------------------------------
     async def get(self, key: Any, *, primary: bool = False) -> RowT | None:
         """The row with primary key ``key``, or ``None``."""
+        cache = self._cache
+        if cache is not None and self._tx is None and not primary and not self._layer._read_primary.get():
+            enc, kv = self._table.cache_key(key)
+            hit = cache.cached(enc)
+            if hit is MISS:
+                hit = await cache.get(enc, lambda fresh: self._load_row(kv, fresh))
+            if hit is None:
+                return None
+            return cast(RowT, hit if self._row_type is None else self._row_type(**hit))
         slot, kv = self._table.locate_key(key)
         st = self._stmts[slot]
         c = st.get[slot]
@@ -206,29 +221,98 @@ class Repository(Generic[RowT]):
         out = st.row(row)
         return cast(RowT, out if self._row_type is None else self._row_type(**out))
 
+    def _cache_for(self, primary: bool) -> TableCache | None:
+        """The cache, unless this read must bypass it (transaction, forced primary)."""
+        if self._cache is None or self._tx is not None or primary or self._layer._read_primary.get():
+            return None
+        return self._cache
+
+    async def _load_row(self, kv: tuple[Any, ...], primary: bool) -> dict[str, Any] | None:
+        """One row from the database, for a cache fill."""
+        t = self._table
+        slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
+        st = self._stmts[slot]
+        c = st.get[slot]
+        target = (self._primary_targets if primary else self._replica_targets)[slot]
+        row = await self._cluster.node(target).fetch_one(c.sql, st.key_only(c, kv))
+        return None if row is None else st.row(row)
+
+    async def _invalidate(self, kvs: Sequence[tuple[Any, ...]], *, inserted: bool) -> None:
+        """After a committed write: now, or at commit when inside a transaction."""
+        cache = self._cache
+        if cache is None:
+            return
+        encs = [encode_cache_key(kv) for kv in kvs]
+        if self._tx is not None:
+            self._tx.after_commit.append((cache, encs, inserted))
+        else:
+            await cache.invalidate(encs, inserted=inserted)
+
+    async def _invalidate_written(self, values: Mapping[str, Any]) -> None:
+        t = self._table
+        if all(c in values for c in t.primary_key):
+            await self._invalidate([tuple(values[c] for c in t.primary_key)], inserted=True)
+        elif self._cache is not None and self._cache.bloom is not None:
+            # A key the server generated: the filter cannot learn it, so it must
+            # stop answering "absent" for anything.
+            self._cache.bloom.saturated = True
+
     async def get_many(self, keys: Iterable[Any], *, primary: bool = False) -> dict[Any, RowT]:
         """Rows for ``keys`` (missing ones are absent), keyed by key.
 
         One query per physical table (in chunks of 500 keys), run concurrently.
         """
         t = self._table
-        keys = list(keys)
-        checked = {}
+        checked: dict[Any, tuple[Any, ...]] = {}
         for key in keys:
             kv = t.key_values(key)  # validate first: a bad key may not even be hashable
-            if key not in checked:
-                checked[key] = kv
-        groups = self._router.group(t, checked, self._role(primary))
-        self._check_targets(groups)
+            checked.setdefault(key, kv)
+        cache = self._cache_for(primary)
+        if cache is not None:
+            return await self._get_many_cached(cache, checked)
+        rows = await self._fetch_many(list(checked.values()), self._role(primary))
+        return {t.key_of(r): self._out(r) for r in rows}
+
+    async def _fetch_many(self, kvs: Sequence[tuple[Any, ...]], role: Role) -> list[dict[str, Any]]:
+        """Rows for key values, one query per physical table (chunked), concurrently."""
+        t = self._table
+        by_slot: dict[int, list[tuple[Any, ...]]] = {}
+        for kv in kvs:
+            slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
+            by_slot.setdefault(slot, []).append(kv)
+        targets = self._primary_targets if role is Role.PRIMARY else self._replica_targets
+        self._check_targets(targets[s] for s in by_slot)
         jobs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = []
-        for target, group in groups.items():
+        for slot, group in by_slot.items():
             for i in range(0, len(group), _CHUNK):
-                chunk = [checked[k] for k in group[i : i + _CHUNK]]
-                jobs.append(self._get_chunk_job(target, chunk))
+                jobs.append(self._get_chunk_job(targets[slot], group[i : i + _CHUNK]))
+        rows: list[dict[str, Any]] = []
+        for part in await gather_bounded(jobs, self._layer._fanout):
+            rows.extend(part)
+        return rows
+
+    async def _get_many_cached(self, cache: TableCache, checked: dict[Any, tuple[Any, ...]]) -> dict[Any, RowT]:
         out: dict[Any, RowT] = {}
-        for rows in await gather_bounded(jobs, self._layer._fanout):
-            for row in rows:
-                out[t.key_of(row)] = self._out(row)
+        missing: dict[bytes, tuple[Any, ...]] = {}
+        enc_to_key: dict[bytes, Any] = {}
+        for key, kv in checked.items():
+            enc = encode_cache_key(kv)
+            hit = cache.cached(enc)
+            if hit is MISS:
+                missing[enc] = kv
+                enc_to_key[enc] = key
+            elif hit is not None:
+                out[key] = self._out(hit)
+        if missing:
+            t = self._table
+
+            async def load(kvs: Sequence[tuple[Any, ...]], primary: bool) -> dict[bytes, dict[str, Any]]:
+                rows = await self._fetch_many(kvs, Role.PRIMARY if primary else Role.REPLICA)
+                return {encode_cache_key(t.key_values(t.key_of(r))): r for r in rows}
+
+            for enc, row in (await cache.get_many(missing, load)).items():
+                if row is not None:
+                    out[enc_to_key[enc]] = self._out(row)
         return out
 
     def _get_chunk_job(
@@ -256,6 +340,8 @@ class Repository(Generic[RowT]):
         st = self._stmts[target.slot]
         c = st.insert(target.slot, tuple(values))
         await self._execute(target, c, c.params(values))
+        if self._cache is not None:
+            await self._invalidate_written(values)
 
     async def upsert(self, row: Mapping[str, Any] | Any) -> None:
         """Insert one row, or overwrite the given columns of the row with its key."""
@@ -266,6 +352,8 @@ class Repository(Generic[RowT]):
         st = self._stmts[target.slot]
         c = st.upsert(target.slot, tuple(values), tuple(k for k in values if k in given))
         await self._execute(target, c, c.params(values))
+        if self._cache is not None:
+            await self._invalidate_written(values)
 
     async def update(self, key: Any, values: Mapping[str, Any]) -> bool:
         """Set ``values`` on the row with ``key``; ``False`` when there is no such row."""
@@ -275,14 +363,18 @@ class Repository(Generic[RowT]):
         c = st.update(target.slot, tuple(vals))
         params = st.key_params(kv)
         params.update({f"v_{k}": v for k, v in vals.items()})
-        return await self._execute(target, c, c.params(params)) > 0
+        found = await self._execute(target, c, c.params(params)) > 0
+        await self._invalidate([kv], inserted=False)
+        return found
 
     async def delete(self, key: Any) -> bool:
         """Delete the row with ``key``; ``False`` when there was none."""
         target, kv = self._key_target(key, Role.PRIMARY)
         st = self._stmts[target.slot]
         c = st.delete[target.slot]
-        return await self._execute(target, c, st.key_only(c, kv)) > 0
+        found = await self._execute(target, c, st.key_only(c, kv)) > 0
+        await self._invalidate([kv], inserted=False)
+        return found
 
     # -- queries ---------------------------------------------------------------------
     def _query(
@@ -469,6 +561,8 @@ class Repository(Generic[RowT]):
                 tx.open = False
             if tx.failure is not None:
                 raise TransactionError(f"the transaction was rolled back: {tx.failure}")
+        for cache, encs, inserted in tx.after_commit:
+            await cache.invalidate(encs, inserted=inserted)
 
 
 class _Desc:

@@ -134,6 +134,13 @@ def placements_for(spec: TableSpec, config: Config) -> tuple[Placement, ...]:
     return (Placement(0, spec.database, spec.name),)
 
 
+def _python_type(column: sa.Column[Any]) -> type:
+    try:
+        return column.type.python_type
+    except NotImplementedError:
+        return object
+
+
 def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Table:
     """A copy of ``logical`` named ``name`` in ``metadata``.
 
@@ -194,6 +201,8 @@ class LogicalTable:
         self._shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
         self._checkers: dict[str, Checker] = {c.name: _checker_for(c) for c in table.columns}
         self._single_pk = len(pk) == 1
+        # Values that callers could mutate in place (JSON, arrays): cached rows are deep-copied.
+        self.mutable_values = any(_python_type(c) in (dict, list, object) for c in table.columns)
         self._pk_checker = self._checkers[pk[0]]
         auto = table.autoincrement_column
         self._required = tuple(
@@ -269,6 +278,26 @@ class LogicalTable:
         if self.sharder is None:
             return 0, values
         return self.sharder.slot(values[self._shard_key_index]), values
+
+    def cache_key(self, key: object) -> tuple[bytes, tuple[Any, ...]]:
+        """Validate a primary key; return its cache key bytes and its column values."""
+        if self._single_pk:
+            if key is None:
+                raise (ShardKeyError if self.sharder is not None else ValidationError)(
+                    f"{self.name}.{self.primary_key[0]}: key value must not be None"
+                )
+            problem = self._pk_checker(key)
+            if problem is not None:
+                raise ValidationError(f"{self.name}.{self.primary_key[0]}: {problem}")
+            try:
+                return encode_key(key, table=self.name), (key,)
+            except ShardKeyError:
+                if self.sharder is not None:
+                    raise
+        from dal.cache.keys import encode_cache_key
+
+        values = self.key_values(key)
+        return encode_cache_key(values), values
 
     def key_values(self, key: object) -> tuple[Any, ...]:
         """Validate a primary key (scalar or tuple) and return its column values."""

@@ -293,6 +293,21 @@ class Statements:
             hit = self._updates[key] = compile_statement(stmt, self.dialect)
         return hit
 
+    def scan_keys(self, slot: int, *, after: bool) -> Compiled:
+        """Primary keys of one physical table in key order, ``LIMIT :lim``, after ``a0..``."""
+        key = (slot, "scan", after)
+        hit = self._shapes.get(key)
+        if hit is None:
+            t = self.table.physical[slot]
+            order = tuple((c, False) for c in self.table.primary_key)
+            stmt = sa.select(*(t.c[c] for c in self.table.primary_key)).order_by(
+                *(t.c[c] for c in self.table.primary_key)
+            )
+            if after:
+                stmt = stmt.where(self._keyset(t, order))
+            hit = self._shapes[key] = compile_statement(stmt.limit(sa.bindparam("lim", type_=sa.Integer())), self.dialect)
+        return hit
+
     # -- find / count ----------------------------------------------------------
     def select(self, slot: int, query: Query, *, count: bool = False, fanout: bool = False) -> Compiled:
         """SELECT (or COUNT) for ``query`` on one physical table.

@@ -19,6 +19,7 @@ its progress record uses the probe to resume without applying anything twice.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -81,6 +82,9 @@ class _Capture:
         return stmts
 
 
+_INDEX_DDL = re.compile(r"^(CREATE|DROP)\s+(?:UNIQUE\s+)?INDEX\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?[`\"]?([^\s`\"]+)", re.I)
+
+
 def _clean(sql: str) -> str:
     return sql.strip().rstrip(";").strip()
 
@@ -107,7 +111,25 @@ class Operations:
         return placements_for(spec, self._config)
 
     def _add(self, p: Placement, sql: Sequence[str], description: str, probe: Probe | None) -> None:
-        self.steps.append(Step(p.database, p.table, tuple(sql), description, probe))
+        """One step per statement, so that every statement has its own progress record.
+
+        An operation can take several statements (``create_table`` with indexes,
+        ``add_column`` of an indexed column). On MySQL a run killed between two of
+        them must not take the first one's effect (the table exists) for the
+        whole operation's: the first statement keeps ``probe``; each following
+        ``CREATE``/``DROP INDEX`` gets a probe of its own index.
+        """
+        for i, stmt in enumerate(sql):
+            if i == 0:
+                self.steps.append(Step(p.database, p.table, (stmt,), description, probe))
+                continue
+            m = _INDEX_DDL.match(stmt)
+            if m is not None:
+                verb, name = m.group(1).lower(), m.group(2)
+                self.steps.append(Step(p.database, p.table, (stmt,), f"{verb} index {name} on {p.table}",
+                                       Probe("index", p.table, name, verb == "create")))
+            else:
+                self.steps.append(Step(p.database, p.table, (stmt,), f"{description} (statement {i + 1})", None))
 
     @staticmethod
     def _suffix(table: str, physical: str) -> str:

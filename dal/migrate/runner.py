@@ -10,10 +10,15 @@ Per shard database, on one dedicated connection to its primary:
 3. read the applied versions from ``dal_schema_migrations`` (created if missing);
 4. apply each pending migration. On PostgreSQL and SQLite a migration's DDL and
    its bookkeeping row commit in one transaction. MySQL DDL commits as it goes,
-   so every step is recorded in ``dal_schema_migration_steps`` as it completes;
-   a rerun skips recorded steps and, for the step that was running when the
-   process died, asks its probe (does the table/column/index exist?) whether it
-   already took effect.
+   so every step (one statement) is recorded in ``dal_schema_migration_steps``
+   as it completes, after a row marking the migration's run as started; a
+   rerun skips recorded steps and, for the step that was running when the
+   process died (the first unrecorded one, while the marker is there), asks its
+   probe (does the table/column/index exist?) whether it already took effect.
+   A statement the server rejects clears the marker: it had no effect, so the
+   next run executes it again rather than trusting a probe.
+
+``status`` and ``--sql`` only read: they create no table (and no SQLite file).
 
 Shard databases are migrated concurrently and independently: one that is
 unreachable or fails does not stop the others; the run reports it and exits
@@ -38,7 +43,7 @@ import sqlalchemy as sa
 
 from dal.backends import Connection, connector_for
 from dal.config import Config, DatabaseSpec
-from dal.errors import DalError
+from dal.errors import ConnectionUnavailableError, DalError
 from dal.migrate.ops import MigrationError, Probe, Step, expand
 from dal.migrate.scripts import Migration
 from dal.schema import placements_for
@@ -61,6 +66,9 @@ _steps = sa.Table(
     sa.Column("step", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("description", sa.String(255), nullable=False),
 )
+
+_RUNNING = -1
+"""Step number of the row marking that a run of a migration started (MySQL)."""
 
 Direction = Literal["up", "down"]
 ProgressFn = Callable[[str, str], None]
@@ -298,17 +306,24 @@ class Migrator:
         return list(await asyncio.gather(*(self._status(db) for db in self.config.databases)))
 
     async def _status(self, db: DatabaseSpec) -> DatabaseStatus:
+        # Read-only: ``status`` and ``--sql`` create nothing, not even the
+        # bookkeeping tables (or, on SQLite, the database file).
         st = DatabaseStatus(db.name, db.primary.name)
+        st.pending = [m.label for m in self.plan([], "up", None)]
+        path = db.primary.dsn.url.database or ""
+        if db.backend == "sqlite" and path not in ("", ":memory:") and not Path(path).exists():
+            return st
         try:
             async with self._session(db) as s:
-                await s.ensure_tables()
-                st.applied = await s.applied()
+                if await s.probe(Probe("table", VERSIONS_TABLE, None, True)):
+                    st.applied = await s.applied()
                 known = {m.number for m in self.migrations}
                 st.unknown = [v for v in st.applied if int(v) not in known]
                 st.current = st.applied[-1] if st.applied else None
                 st.pending = [m.label for m in self.plan(st.applied, "up", None)]
                 st.differences = await self._differences(s)
         except DalError as exc:
+            st.pending = []
             st.error = str(exc)
         return st
 
@@ -379,21 +394,38 @@ class Migrator:
     async def _apply_stepwise(
         self, s: _Session, m: Migration, direction: Direction, steps: list[Step], res: DatabaseResult
     ) -> None:
+        insert = sa.insert(_steps).values(version=sa.bindparam("v"), direction=sa.bindparam("d"),
+                                          step=sa.bindparam("i"), description=sa.bindparam("desc"))
         done = await s.done_steps(m.version, direction)
+        # Only the step a previous run was executing when it died can have taken
+        # effect without its record: the first unrecorded one, and only if a run
+        # of this migration started and did not stop on an error the server
+        # reported (the RUNNING marker). Any other step runs: a probe must never
+        # adopt a same-named object that this migration did not create.
+        resume = None
+        if _RUNNING in done:
+            resume = next((i for i in range(len(steps)) if i not in done), None)
+        else:
+            await s.run(insert, {"v": m.version, "d": direction, "i": _RUNNING, "desc": "run started"})
         for i, step in enumerate(steps):
             if i in done:
                 continue
-            # A step with a probe that already shows its effect ran before a kill
-            # cut its bookkeeping short: record it, do not run it again.
-            if step.probe is None or await s.probe(step.probe) != step.probe.present:
-                await self._execute(s, m, step, res)
-            else:
+            if i == resume and step.probe is not None and await s.probe(step.probe) == step.probe.present:
+                # It ran before a kill cut its bookkeeping short: record it, do not run it again.
                 self._tick(s, step)
-            await s.run(
-                sa.insert(_steps).values(version=sa.bindparam("v"), direction=sa.bindparam("d"),
-                                         step=sa.bindparam("i"), description=sa.bindparam("desc")),
-                {"v": m.version, "d": direction, "i": i, "desc": step.description[:255]},
-            )
+            else:
+                try:
+                    await self._execute(s, m, step, res)
+                except MigrationError as exc:
+                    if not isinstance(exc.__cause__, ConnectionUnavailableError):
+                        # Rejected by the server, so without effect: the next run
+                        # runs it again instead of asking its probe.
+                        with contextlib.suppress(DalError):
+                            await s.run(sa.delete(_steps).where(
+                                _steps.c.version == sa.bindparam("v"), _steps.c.direction == sa.bindparam("d"),
+                                _steps.c.step == sa.bindparam("i")), {"v": m.version, "d": direction, "i": _RUNNING})
+                    raise
+            await s.run(insert, {"v": m.version, "d": direction, "i": i, "desc": step.description[:255]})
         await s.conn.begin()
         try:
             await self._record(s, m, direction)

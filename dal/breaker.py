@@ -1,0 +1,69 @@
+"""A small circuit breaker: stop waiting on a dependency that keeps failing.
+
+``closed`` lets calls through and counts consecutive failures; at
+``failures`` it opens and :meth:`allow` says no (the caller skips the
+dependency at once instead of waiting out a timeout) until ``reset`` seconds
+pass; then one trial call is let through (half-open): success closes it,
+failure opens it again. ``on_close`` runs when it closes after having opened,
+which is when a cache must assume it missed invalidations. Time is injected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class Breaker:
+    __slots__ = ("_clock", "_failures", "_on_close", "_opened_at", "_trial", "failures", "name", "reset", "trips")
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failures: int = 3,
+        reset: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.failures = failures
+        self.reset = reset
+        self._clock = clock
+        self._on_close = on_close
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+        self.trips = 0
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        return "half-open" if self._clock() - self._opened_at >= self.reset else "open"
+
+    def allow(self) -> bool:
+        """Whether to try the dependency now."""
+        if self._opened_at is None:
+            return True
+        if self._clock() - self._opened_at >= self.reset and not self._trial:
+            self._trial = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._trial = False
+            if self._on_close is not None:
+                self._on_close()
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._opened_at is not None:
+            self._opened_at = self._clock()  # the trial failed: stay open
+            self._trial = False
+        elif self._failures >= self.failures:
+            self._opened_at = self._clock()
+            self.trips += 1

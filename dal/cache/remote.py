@@ -1,0 +1,175 @@
+"""L2: Redis (or Redis Cluster), shared by every process.
+
+Per cached row there are three keys sharing one hash tag, so that they live in
+one cluster slot and one Lua script may touch them together::
+
+    {ns}:{schema_version}:{table}:{<key>}         the row (codec bytes; a placeholder for "absent")
+    {ns}:{schema_version}:{table}:{<key>}:ver     "<n>:<ms>": the n-th write, at wall time ms
+    {ns}:{schema_version}:{table}:{<key>}:lease   who is loading it now (SET NX PX)
+
+``<key>`` is the hex of the encoded key (a SHA-1 for keys over 64 bytes), so
+any key value is safe in a Redis key and in a hash tag.
+
+Writers run :data:`_INVALIDATE`: bump the version and delete the row, in one
+step. Readers note the version they saw with the miss and fill with
+:data:`_FILL`, which writes only if the version is still the same: a fill
+that raced a write (read the old row, write commits and deletes, fill puts the
+old row back) is rejected atomically. The version key also says *when* the
+last write was, so a reader knows to load that key from the primary while
+replicas may lag, and that the key exists even if this process's Bloom filter
+has not heard of it yet.
+
+Every call goes through a breaker: when Redis fails repeatedly, calls return
+:data:`UNAVAILABLE` at once instead of each waiting out a timeout, and
+failures are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from dal.breaker import Breaker
+
+log = logging.getLogger("dal.cache")
+
+UNAVAILABLE: Any = object()
+"""Returned instead of a result when Redis could not be used."""
+
+_FILL = """
+local v = redis.call('GET', KEYS[2])
+if (v == false and ARGV[1] == '') or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+_INVALIDATE = """
+local v = redis.call('GET', KEYS[2])
+local n = 0
+if v then n = tonumber(string.match(v, '^(%d+)')) or 0 end
+redis.call('SET', KEYS[2], (n + 1) .. ':' .. ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[1])
+return n + 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def key_token(encoded: bytes) -> str:
+    """The Redis-safe form of an encoded key."""
+    if len(encoded) <= 64:
+        return encoded.hex()
+    return "h" + hashlib.sha1(encoded, usedforsecurity=False).hexdigest()
+
+
+def parse_version(raw: bytes | None) -> tuple[str, int | None]:
+    """(version text as stored, '' when absent; write time in ms or None)."""
+    if raw is None:
+        return "", None
+    text = raw.decode()
+    _, _, ms = text.partition(":")
+    return text, int(ms) if ms.isdigit() else None
+
+
+class RemoteCache:
+    """L2 operations on one Redis client, each guarded by the breaker."""
+
+    def __init__(self, client: Any, breaker: Breaker, *, cluster: bool = False) -> None:
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
+        self.client = client
+        self.breaker = breaker
+        self.cluster = cluster
+        self._fill = client.register_script(_FILL)
+        self._invalidate = client.register_script(_INVALIDATE)
+        self._release = client.register_script(_RELEASE)
+        self.errors = 0
+        self.fills = 0
+        self.rejected_fills = 0
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        if not self.breaker.allow():
+            return UNAVAILABLE
+        try:
+            result = await fn()
+        except self._errors as exc:
+            self.errors += 1
+            self.breaker.failure()
+            log.debug("redis call failed: %s", exc)
+            return UNAVAILABLE
+        self.breaker.success()
+        return result
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.state != "open"
+
+    async def read(self, bases: Sequence[str]) -> list[tuple[bytes | None, bytes | None]] | Any:
+        """(row bytes, version bytes) per base key, with one MGET."""
+        keys: list[str] = []
+        for b in bases:
+            keys += (b, b + ":ver")
+        if self.cluster and len(bases) > 1:
+            res = await self._call(lambda: self.client.mget_nonatomic(keys))
+        else:
+            res = await self._call(lambda: self.client.mget(keys))
+        if res is UNAVAILABLE:
+            return UNAVAILABLE
+        return [(res[i], res[i + 1]) for i in range(0, len(res), 2)]
+
+    async def get_row(self, base: str) -> bytes | Any | None:
+        return await self._call(lambda: self.client.get(base))
+
+    async def fill(self, base: str, payload: bytes, ttl_ms: int, version: str) -> bool | Any:
+        """Store ``payload`` only if the version is still ``version`` ('' = never written)."""
+        res = await self._call(lambda: self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms]))
+        if res is UNAVAILABLE:
+            return UNAVAILABLE
+        if res:
+            self.fills += 1
+        else:
+            self.rejected_fills += 1
+        return bool(res)
+
+    async def invalidate(self, bases: Sequence[str], now_ms: int, version_ttl_ms: int) -> bool:
+        """Bump the version and delete the row of every base key. False when Redis failed."""
+        async def run() -> None:
+            if self.cluster:  # keys live on different nodes: one script call each
+                await asyncio.gather(
+                    *(self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms]) for b in bases)
+                )
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for b in bases:
+                await self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms], client=pipe)
+            await pipe.execute()
+
+        return await self._call(run) is not UNAVAILABLE
+
+    async def acquire_lease(self, base: str, token: bytes, ttl_ms: int) -> bool | Any:
+        res = await self._call(lambda: self.client.set(base + ":lease", token, nx=True, px=ttl_ms))
+        return res if res is UNAVAILABLE else bool(res)
+
+    async def release_lease(self, base: str, token: bytes) -> None:
+        await self._call(lambda: self._release(keys=[base + ":lease"], args=[token]))
+
+    async def setbits(self, key: str, positions: Sequence[int]) -> bool:
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for p in positions:
+                pipe.setbit(key, p, 1)
+            await pipe.execute()
+
+        return await self._call(run) is not UNAVAILABLE
+
+    async def ping(self) -> bool:
+        return await self._call(self.client.ping) is not UNAVAILABLE

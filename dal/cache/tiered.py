@@ -1,0 +1,407 @@
+"""The read and write paths of the two-level cache.
+
+Read (``get``): L1 -> L2 -> Bloom filter -> singleflight -> database, then fill
+L2 and L1.
+
+- L1 hit: a copy of the row (or ``None`` for a cached "absent").
+- L2 hit: decode, fill L1 (guarded by the L1 generation taken before the L2
+  read), return.
+- L2 miss and no version key: nobody wrote this key recently. If the Bloom
+  filter is trustworthy (warmed, subscription live, L2 answered) and says the
+  key was never inserted, the answer is ``None`` without touching the database
+  (penetration, 穿透), cached in L1 only so Redis does not fill with
+  placeholders for keys that do not exist.
+- Otherwise one load per key per process (singleflight), and across processes
+  a short Redis lease: the holder loads, the others wait up to ``lease_wait``
+  for its fill, then load themselves (stampede, 击穿). A key written within
+  ``fresh_window`` is loaded from the primary, since a replica may not have
+  replayed the write yet.
+- Fills: L2 by compare-and-set on the version read with the miss (a fill that
+  raced a write is rejected), with a jittered TTL (avalanche, 雪崩); a
+  not-found result as a short-lived placeholder. Then L1, guarded.
+
+Write (``invalidate``, after the commit): evict L1 and forget in-flight loads
+of the keys (so no reader that starts after the write returns can see the old
+row), add inserted keys to the Bloom filter, bump the version and delete the
+row in L2, publish one invalidation message. Failed Redis steps go to the
+retry queue; nothing raises to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from dal.cache.bloom import BloomMembership
+from dal.cache.codec import Codec, make_codec
+from dal.cache.flight import SingleFlight
+from dal.cache.invalidation import InvalidationBus, RetryQueue
+from dal.cache.keys import encode_cache_key
+from dal.cache.local import MISS, LocalCache
+from dal.cache.remote import UNAVAILABLE, RemoteCache, key_token, parse_version
+from dal.config import CachePolicy
+
+log = logging.getLogger("dal.cache")
+
+Row = dict[str, Any]
+LoadOne = Callable[[bool], Awaitable[Row | None]]
+"""Load one row from the database; the flag asks for the primary."""
+LoadMany = Callable[[Sequence[tuple[Any, ...]], bool], Awaitable[dict[bytes, Row]]]
+"""Load rows by key values from the database, keyed by encoded key; the flag asks for the primary."""
+ScanKeys = Callable[[], AsyncIterator[tuple[Any, ...]]]
+
+
+class TableCache:
+    """The cache of one logical table in one process."""
+
+    def __init__(
+        self,
+        table: str,
+        policy: CachePolicy,
+        runtime: CacheRuntime,
+        *,
+        deep_copy: bool,
+        scan_keys: ScanKeys | None,
+    ) -> None:
+        self.table = table
+        self.policy = policy
+        self.runtime = runtime
+        self.codec: Codec = make_codec(policy.serializer)
+        self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock, deep_copy=deep_copy)
+        self._copy = self.l1._copy
+        self.flight: SingleFlight[Row | None] = SingleFlight()
+        self.prefix = f"{policy.namespace}:{policy.schema_version}:{table}:"
+        self.bloom: BloomMembership | None = (
+            BloomMembership(policy.bloom_capacity, policy.bloom_error_rate) if policy.bloom else None
+        )
+        self.bloom_ready = False
+        self._scan_keys = scan_keys
+        self._rebuilding: asyncio.Task[None] | None = None
+        # Counters (metrics are fed from these).
+        self.db_loads = 0
+        self.bloom_rejections = 0
+        self.lease_waits = 0
+
+    # -- helpers ------------------------------------------------------------------------
+    def base(self, enc: bytes) -> str:
+        return self.prefix + "{" + key_token(enc) + "}"
+
+    def _ttl(self, seconds: float) -> float:
+        j = self.policy.jitter
+        return seconds * (1 + self.runtime.rng.uniform(-j, j)) if j else seconds
+
+    def _l1_ttl(self, row: Row | None) -> float:
+        p = self.policy
+        return self._ttl(p.l1_ttl if row is not None else min(p.l1_ttl, p.negative_ttl))
+
+    def _l2_ttl_ms(self, row: Row | None) -> int:
+        p = self.policy
+        return max(1, int(self._ttl(p.l2_ttl if row is not None else p.negative_ttl) * 1000))
+
+    def _bloom_says_absent(self, enc: bytes) -> bool:
+        b = self.bloom
+        if b is None or not self.bloom_ready or not self.runtime.bus_live:
+            return False
+        if enc in b:
+            return False
+        self.bloom_rejections += 1
+        return True
+
+    def _fresh(self, written_ms: int | None) -> bool:
+        return written_ms is not None and self.runtime.wall_ms() - written_ms < self.policy.fresh_window * 1000
+
+    # -- read path ------------------------------------------------------------------------
+    def cached(self, enc: bytes) -> Row | None:
+        """L1 lookup: a copy, ``None`` for cached-absent, or :data:`MISS`."""
+        return self.l1.get(enc)
+
+    async def get(self, enc: bytes, load: LoadOne) -> Row | None:
+        """The row for ``enc`` after an L1 miss."""
+        gen = self.l1.generation()
+        remote = self.runtime.remote
+        version = ""
+        fresh = False
+        if remote is not None:
+            res = await remote.read([self.base(enc)])
+            if res is not UNAVAILABLE:
+                raw, ver = res[0]
+                if raw is not None:
+                    row = self.codec.loads(raw)
+                    self.l1.put(enc, row, self._l1_ttl(row), gen)
+                    return None if row is None else self._copy(row)
+                version, written = parse_version(ver)
+                fresh = self._fresh(written)
+                if ver is None and self._bloom_says_absent(enc):
+                    self.l1.put(enc, None, self._l1_ttl(None), gen)
+                    return None
+        row = await self.flight.do(enc, lambda: self._load(enc, version, fresh, gen, load))
+        return None if row is None else self._copy(row)
+
+    async def _load(self, enc: bytes, version: str, fresh: bool, gen: int, load: LoadOne) -> Row | None:
+        remote = self.runtime.remote
+        base = self.base(enc)
+        token: bytes | None = None
+        if remote is not None and remote.available:
+            token = os.urandom(8)
+            got = await remote.acquire_lease(base, token, int(self.policy.lease_ttl * 1000))
+            if got is False:
+                self.lease_waits += 1
+                waited = await self._await_fill(remote, base)
+                if waited is not MISS:
+                    self.l1.put(enc, waited, self._l1_ttl(waited), gen)
+                    return waited  # type: ignore[no-any-return]
+                token = None
+            elif got is UNAVAILABLE:
+                token = None
+        try:
+            self.db_loads += 1
+            row = await load(fresh)
+            if remote is not None:
+                await remote.fill(base, self.codec.dumps(row), self._l2_ttl_ms(row), version)
+        finally:
+            if token is not None:
+                await asyncio.shield(remote.release_lease(base, token))  # type: ignore[union-attr]
+        self.l1.put(enc, row, self._l1_ttl(row), gen)
+        return row
+
+    async def _await_fill(self, remote: RemoteCache, base: str) -> Any:
+        """Wait (bounded) for the lease holder's fill; :data:`MISS` when it does not come."""
+        deadline = time.monotonic() + self.policy.lease_wait
+        delay = 0.002
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            raw = await remote.get_row(base)
+            if raw is UNAVAILABLE:
+                return MISS
+            if raw is not None:
+                return self.codec.loads(raw)
+            delay = min(delay * 2, 0.02)
+        return MISS
+
+    async def get_many(
+        self, encs: dict[bytes, tuple[Any, ...]], load: LoadMany
+    ) -> dict[bytes, Row | None]:
+        """Rows for ``encs`` (encoded key -> key values) after L1; absent keys map to ``None``."""
+        gen = self.l1.generation()
+        out: dict[bytes, Row | None] = {}
+        remote = self.runtime.remote
+        versions: dict[bytes, str] = {}
+        fresh: list[bytes] = []
+        stale_ok: list[bytes] = []
+        todo = list(encs)
+        if remote is not None and todo:
+            res = await remote.read([self.base(e) for e in todo])
+            if res is not UNAVAILABLE:
+                for enc, (raw, ver) in zip(todo, res, strict=True):
+                    if raw is not None:
+                        row = self.codec.loads(raw)
+                        self.l1.put(enc, row, self._l1_ttl(row), gen)
+                        out[enc] = row
+                        continue
+                    v, written = parse_version(ver)
+                    versions[enc] = v
+                    if ver is None and self._bloom_says_absent(enc):
+                        self.l1.put(enc, None, self._l1_ttl(None), gen)
+                        out[enc] = None
+                    elif self._fresh(written):
+                        fresh.append(enc)
+                    else:
+                        stale_ok.append(enc)
+            else:
+                stale_ok = todo
+        else:
+            stale_ok = todo
+        for group, primary in ((stale_ok, False), (fresh, True)):
+            if not group:
+                continue
+            self.db_loads += 1
+            rows = await load([encs[e] for e in group], primary)
+            fills = []
+            for enc in group:
+                row = rows.get(enc)
+                out[enc] = row
+                if remote is not None:
+                    fills.append(remote.fill(self.base(enc), self.codec.dumps(row), self._l2_ttl_ms(row), versions.get(enc, "")))
+                self.l1.put(enc, row, self._l1_ttl(row), gen)
+            if fills:
+                await asyncio.gather(*fills)
+        return {e: (None if r is None else self._copy(r)) for e, r in out.items()}
+
+    # -- write path -----------------------------------------------------------------------
+    def evict_local(self, encs: Sequence[bytes], inserted: bool) -> None:
+        """Apply an invalidation in this process: L1, in-flight loads, Bloom filter."""
+        self.l1.invalidate(list(encs))
+        for enc in encs:
+            self.flight.forget(enc)
+        if inserted and self.bloom is not None:
+            self.bloom.add_many(encs)
+
+    async def invalidate(self, encs: Sequence[bytes], *, inserted: bool) -> None:
+        """After a commit of writes to ``encs``. Never raises; failed Redis steps are retried."""
+        if not encs:
+            return
+        self.evict_local(encs, inserted)
+        rt = self.runtime
+        if rt.remote is None:
+            return
+        bases = [self.base(e) for e in encs]
+        version_ttl_ms = int(self.policy.version_ttl * 1000)
+        remote = rt.remote
+
+        async def delete() -> bool:
+            return await remote.invalidate(bases, rt.wall_ms(), version_ttl_ms)
+
+        if not await asyncio.shield(delete()):
+            rt.retry.put(delete)
+        if rt.bus is not None:
+            payload = rt.bus.message(self.table, list(encs), inserted)
+            bus = rt.bus
+
+            async def publish() -> bool:
+                return await bus.publish(payload)
+
+            if not await asyncio.shield(publish()):
+                rt.retry.put(publish)
+
+    def on_message(self, encs: list[bytes], inserted: bool) -> None:
+        self.evict_local(encs, inserted)
+
+    # -- bloom filter --------------------------------------------------------------------------
+    async def warm_bloom(self) -> None:
+        """Fill the Bloom filter from the database (every physical table's keys)."""
+        if self.bloom is None or self._scan_keys is None:
+            return
+        bloom = self.bloom
+        fresh = BloomMembership(
+            max(self.policy.bloom_capacity, bloom.count * 2 if bloom.saturated else 0),
+            self.policy.bloom_error_rate,
+            generation=bloom.generation + 1,
+        )
+        bloom.begin_rebuild()
+        try:
+            async for kv in self._scan_keys():
+                fresh.add(encode_cache_key(kv))
+        except BaseException:
+            bloom.abort_rebuild()
+            raise
+        bloom.finish_rebuild(fresh)
+        self.bloom_ready = True
+
+    def resync_bloom(self) -> None:
+        """Distrust the filter until it is rebuilt (after missed messages)."""
+        if self.bloom is None:
+            return
+        self.bloom_ready = False
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.ensure_future(self._rebuild())
+
+    async def _rebuild(self) -> None:
+        try:
+            await self.warm_bloom()
+        except Exception as exc:  # the filter stays distrusted: reads go to the database
+            log.warning("bloom rebuild of %s failed: %s", self.table, exc)
+
+    async def aclose(self) -> None:
+        if self._rebuilding is not None:
+            self._rebuilding.cancel()
+            await asyncio.gather(self._rebuilding, return_exceptions=True)
+
+
+class CacheRuntime:
+    """What every table cache of a process shares: Redis, the breaker, the bus, the retry queue."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None,
+        cluster: bool = False,
+        timeout: float = 0.25,
+        breaker_failures: int = 3,
+        breaker_reset: float = 1.0,
+        channel: str = "dal:invalidate",
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        from dal.breaker import Breaker
+
+        self.clock = clock
+        self.wall = wall
+        self.rng = rng or random.Random()
+        self.tables: dict[str, TableCache] = {}
+        self.retry = RetryQueue()
+        self.remote: RemoteCache | None = None
+        self.bus: InvalidationBus | None = None
+        self._client: Any = None
+        if redis_url is not None:
+            if cluster:
+                from redis.asyncio.cluster import RedisCluster
+
+                self._client = RedisCluster.from_url(
+                    redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+                )
+            else:
+                from redis.asyncio import Redis
+
+                self._client = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            breaker = Breaker("redis", failures=breaker_failures, reset=breaker_reset, clock=clock, on_close=self.redis_returned)
+            self.remote = RemoteCache(self._client, breaker, cluster=cluster)
+            self.bus = InvalidationBus(self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap)
+
+    @staticmethod
+    def _bus_client(url: str, cluster: bool, timeout: float) -> Any:
+        # Pub/sub needs its own connection without a read timeout (it idles between messages).
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(url, socket_connect_timeout=timeout)
+        from redis.asyncio import Redis
+
+        return Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=None)
+
+    def wall_ms(self) -> int:
+        return int(self.wall() * 1000)
+
+    @property
+    def bus_live(self) -> bool:
+        return self.bus is None or self.bus.subscribed
+
+    def add(self, cache: TableCache) -> None:
+        self.tables[cache.table] = cache
+        if self.bus is not None:
+            self.bus.register(cache.table, cache.on_message)
+
+    def on_gap(self) -> None:
+        """Invalidations may have been missed: flush every L1, distrust every Bloom filter."""
+        for t in self.tables.values():
+            t.l1.flush()
+            t.resync_bloom()
+
+    def redis_returned(self) -> None:
+        """The breaker closed again: L1 may hold what Redis-borne invalidations would have evicted."""
+        for t in self.tables.values():
+            t.l1.flush()
+
+    async def start(self) -> None:
+        self.retry.start()
+        if self.bus is not None:
+            await self.bus.start()
+        # A filter that cannot be warmed (table missing, database down) stays
+        # distrusted: reads go to the database until a later rebuild succeeds.
+        await asyncio.gather(*(t._rebuild() for t in self.tables.values()))
+
+    async def aclose(self) -> None:
+        await self.retry.drain(1.0)
+        await self.retry.aclose()
+        for t in self.tables.values():
+            await t.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
+            await self.bus.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
