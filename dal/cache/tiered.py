@@ -258,6 +258,18 @@ class TableCache:
 
         if not await asyncio.shield(delete()):
             rt.retry.put(delete)
+        if inserted and self.bloom is not None and self.policy.bloom_source == "redis":
+            # Keep the shared snapshot complete: a process that loads it later
+            # must know every key inserted before.
+            bloom = self.bloom
+            positions = [p for e in encs for p in bloom.positions(e)]
+            bits_key = self._snapshot_keys[0]
+
+            async def setbits() -> bool:
+                return await remote.setbits(bits_key, positions)
+
+            if not await asyncio.shield(setbits()):
+                rt.retry.put(setbits)
         if rt.bus is not None:
             payload = rt.bus.message(self.table, list(encs), inserted)
             bus = rt.bus
@@ -272,11 +284,61 @@ class TableCache:
         self.evict_local(encs, inserted)
 
     # -- bloom filter --------------------------------------------------------------------------
+    @property
+    def _snapshot_keys(self) -> tuple[str, str]:
+        # One hash tag for both, so a cluster keeps them on one node.
+        tag = "{" + self.prefix + "bloom}"
+        return tag + ":bits", tag + ":meta"
+
+    async def _load_snapshot(self) -> bool:
+        """Take the filter from Redis when a snapshot of the same geometry is there."""
+        remote, bloom = self.runtime.remote, self.bloom
+        if remote is None or bloom is None:
+            return False
+        bits_key, meta_key = self._snapshot_keys
+        res = await remote._call(lambda: remote.client.hgetall(meta_key))
+        if res is UNAVAILABLE or not res:
+            return False
+        meta = {k.decode(): v.decode() for k, v in res.items()}
+        if int(meta.get("capacity", -1)) != bloom.capacity or float(meta.get("error_rate", -1)) != bloom.error_rate:
+            return False
+        data = await remote._call(lambda: remote.client.get(bits_key))
+        if data is UNAVAILABLE or data is None:
+            return False
+        snap = BloomMembership.from_bytes(
+            data, bloom.capacity, bloom.error_rate, int(meta.get("count", 0)), int(meta.get("generation", 0))
+        )
+        bloom.finish_rebuild(snap)
+        self.bloom_ready = True
+        return True
+
+    async def _save_snapshot(self) -> None:
+        remote, bloom = self.runtime.remote, self.bloom
+        if remote is None or bloom is None:
+            return
+        bits_key, meta_key = self._snapshot_keys
+        data = bloom.to_bytes()
+        meta = {"capacity": bloom.capacity, "error_rate": repr(bloom.error_rate), "count": bloom.count, "generation": bloom.generation}
+
+        async def save() -> None:
+            pipe = remote.client.pipeline(transaction=not remote.cluster)
+            pipe.set(bits_key, data)
+            pipe.hset(meta_key, mapping=meta)
+            await pipe.execute()
+
+        await remote._call(save)
+
     async def warm_bloom(self) -> None:
-        """Fill the Bloom filter from the database (every physical table's keys)."""
+        """Fill the Bloom filter: from the Redis snapshot (``bloom_source = "redis"``) if
+        there is one, else from the database (every physical table's keys)."""
         if self.bloom is None or self._scan_keys is None:
             return
         bloom = self.bloom
+        if self.policy.bloom_source == "redis":
+            bloom.begin_rebuild()
+            if await self._load_snapshot():
+                return
+            bloom.abort_rebuild()
         fresh = BloomMembership(
             max(self.policy.bloom_capacity, bloom.count * 2 if bloom.saturated else 0),
             self.policy.bloom_error_rate,
@@ -291,6 +353,8 @@ class TableCache:
             raise
         bloom.finish_rebuild(fresh)
         self.bloom_ready = True
+        if self.policy.bloom_source == "redis":
+            await self._save_snapshot()
 
     def resync_bloom(self) -> None:
         """Distrust the filter until it is rebuilt (after missed messages)."""
