@@ -322,6 +322,7 @@ class Config:
     fanout_concurrency: int = 16
     metadata: str | None = None
     cache: CacheSettings = field(default_factory=CacheSettings)
+    in_doubt_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -421,7 +422,7 @@ class Config:
         data = dict(data)
         _only(data, {"dal", "pool", "databases", "tables", "cache"}, "")
         top = dict(data.get("dal") or {})
-        _only(top, {"balancing", "max_rows_scanned", "fanout_concurrency", "metadata"}, "dal")
+        _only(top, {"balancing", "max_rows_scanned", "fanout_concurrency", "metadata", "in_doubt_timeout"}, "dal")
         default_pool = _pool(data.get("pool") or {}, "pool", PoolSettings())
         items = _named_items(data.get("databases"), "databases")
         prefixes: dict[str, str] = {}
@@ -439,7 +440,7 @@ class Config:
             _table(name, raw, cache_defaults) for name, raw in _named_items(data.get("tables"), "tables")
         )
         kwargs: dict[str, Any] = {}
-        for key, typ in (("balancing", str), ("max_rows_scanned", int), ("fanout_concurrency", int), ("metadata", str)):
+        for key, typ in (("balancing", str), ("max_rows_scanned", int), ("fanout_concurrency", int), ("metadata", str), ("in_doubt_timeout", float)):
             if key in top:
                 kwargs[key] = _typed(top[key], typ, f"dal.{key}")
         return cls(databases=databases, tables=tables, cache=cache_settings, **kwargs)

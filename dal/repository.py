@@ -42,6 +42,7 @@ from dal.schema import LogicalTable, as_mapping
 from dal.sql import Compiled, Filter, Query, Statements
 
 if TYPE_CHECKING:
+    from dal.batch import BatchResult, BatchWriter, Op
     from dal.cache.tiered import TableCache
     from dal.layer import DataLayer
 
@@ -375,6 +376,49 @@ class Repository(Generic[RowT]):
         found = await self._execute(target, c, st.key_only(c, kv)) > 0
         await self._invalidate([kv], inserted=False)
         return found
+
+    # -- batches ------------------------------------------------------------------------
+    async def insert_many(
+        self, rows: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+    ) -> BatchResult:
+        """Insert rows in batches per physical table (see :mod:`dal.batch`).
+
+        Raises :class:`~dal.batch.BatchError` (with the full result) when a batch
+        failed, unless ``raise_on_error=False``. ``atomic=True``: one transaction
+        for everything (all rows must land on one shard database).
+        """
+        return await self._many("insert", rows, batch_size, atomic, raise_on_error)
+
+    async def upsert_many(
+        self, rows: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+    ) -> BatchResult:
+        """Insert rows, or overwrite the given columns of existing ones, in batches."""
+        return await self._many("upsert", rows, batch_size, atomic, raise_on_error)
+
+    async def update_many(
+        self, rows: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+    ) -> BatchResult:
+        """Each row holds a primary key and the columns to set on that row; ``affected`` counts matches."""
+        return await self._many("update", rows, batch_size, atomic, raise_on_error)
+
+    async def delete_many(
+        self, keys: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+    ) -> BatchResult:
+        """Delete rows by key in batches; ``affected`` counts the rows deleted."""
+        return await self._many("delete", keys, batch_size, atomic, raise_on_error)
+
+    async def _many(self, op: Op, items: Iterable[Any], batch_size: int, atomic: bool, raise_on_error: bool) -> BatchResult:
+        from dal.batch import run_many
+
+        if self._tx is not None:
+            raise TransactionError("batched writes run their own transactions; call them outside a transaction")
+        return await run_many(self, op, items, batch_size=batch_size, atomic=atomic, raise_on_error=raise_on_error)
+
+    def writer(self, *, max_rows: int = 500, max_delay: float = 0.005, max_pending: int = 100_000) -> BatchWriter:
+        """A write-behind :class:`~dal.batch.BatchWriter` for this table (``async with`` it)."""
+        from dal.batch import BatchWriter
+
+        return BatchWriter(self, max_rows=max_rows, max_delay=max_delay, max_pending=max_pending)
 
     # -- queries ---------------------------------------------------------------------
     def _query(

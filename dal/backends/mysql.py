@@ -130,9 +130,10 @@ class MySQLConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
-    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
             await self._cur.executemany(sql, params)
+            return max(int(self._cur.rowcount), 0)
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 

@@ -105,9 +105,18 @@ class PostgresConnection:
         except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise self._lost(exc) from exc
 
-    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
+        # Pipelined by asyncpg, which reports no row counts: -1.
         try:
             await self._conn.executemany(sql, params)
+            return -1
+        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
+        """COPY ``records`` into ``table`` (binary protocol; asyncpg quotes the identifiers)."""
+        try:
+            await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
         except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise self._lost(exc) from exc
 

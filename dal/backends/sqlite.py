@@ -102,9 +102,12 @@ class SQLiteConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
-    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
-            await self._conn.executemany(sql, params)
+            cur = await self._conn.executemany(sql, params)
+            count = cur.rowcount
+            await cur.close()
+            return max(count, 0)
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 

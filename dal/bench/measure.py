@@ -24,6 +24,19 @@ sees the same keys in the same order.
   the machine (other processes, CPU frequency, the server's own work) hits
   dal and its baselines alike.
 
+A contender may be a plain function instead (``sync=True``, e.g. a bare
+``TLRUCache`` lookup): it runs in the same loop, called without ``await``.
+For such sub-microsecond operations the loop itself (two clock reads, the
+key, the latency list) is a sizeable part of each measured time, so a
+comparison may ask for ``loop_overhead``: a do-nothing contender (the C
+builtin ``id`` called in the same loop) is timed in the same alternating
+rounds, and :func:`net_ratio` subtracts its time per op from both sides.
+
+A :class:`Burst` measures something else: ``size`` operations started at
+once (``asyncio.gather``) on one key made cold by an untimed ``prepare``
+before each burst; it counts the database statements each burst caused.
+Latencies in a burst run from the burst's start to each operation's end.
+
 Results: ``ops_per_s`` is the median of the rounds' throughputs; ``p50`` and
 ``p99`` come from the latencies of all rounds together; the ratio of dal to a
 baseline is the median over rounds of (dal's wall time per operation / the
@@ -44,6 +57,11 @@ from typing import Any
 
 Op = Callable[[Any], Awaitable[object]]
 """One operation on one key (the key comes from the scenario's key list)."""
+SyncOp = Callable[[Any], object]
+"""A plain (not async) operation on one key: a contender with ``sync=True``."""
+
+LOOP_OVERHEAD = "(loop overhead)"
+"""Name of the do-nothing contender of comparisons with ``loop_overhead``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +83,15 @@ class Timing:
 
 @dataclass(frozen=True, slots=True)
 class Contender:
-    """One implementation of the measured operation (dal or a baseline)."""
+    """One implementation of the measured operation (dal or a baseline).
+
+    ``op`` is a coroutine function of the key, or with ``sync=True`` a plain
+    function (run at concurrency 1 only).
+    """
 
     name: str
-    op: Op
+    op: Op | SyncOp
+    sync: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +100,11 @@ class Comparison:
 
     ``targets`` maps a baseline name to the largest acceptable ratio
     (dal's time per operation / the baseline's); informational only.
+    ``loop_overhead`` also times the bare measuring loop (see the module
+    docs) so that ratios net of it can be reported. ``counters`` (optional)
+    returns counters of dal's side; their changes over the scenario (warm-up
+    included) go into dal's JSON entry, e.g. cache hits and misses that show
+    the scenario measured what it says it measures.
     """
 
     name: str
@@ -86,6 +114,8 @@ class Comparison:
     keys: Sequence[Any]
     targets: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    loop_overhead: bool = False
+    counters: Callable[[], Mapping[str, int]] | None = None
 
     @property
     def contenders(self) -> tuple[Contender, ...]:
@@ -151,21 +181,63 @@ def paired_ratio(dal: Result, baseline: Result) -> tuple[float, float, float]:
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
+def paired_net_ratio(dal: Result, baseline: Result, overhead: Result) -> tuple[float, float, float]:
+    """Like :func:`paired_ratio`, with the loop's own time per op (same round) taken off both sides."""
+    ratios = []
+    for d, b, o in zip(dal.runs, baseline.runs, overhead.runs, strict=True):
+        base = b.ns_per_op - o.ns_per_op
+        ratios.append((d.ns_per_op - o.ns_per_op) / base if base > 0 else math.inf)
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def _loop_sync(op: SyncOp, keys: Sequence[Any], limit: float, deadline: float, lat: list[int]) -> None:
+    # Kept statement for statement like _loop_async, minus the await.
+    perf = time.perf_counter_ns
+    record = lat.append
+    n = len(keys)
+    i = 0
+    while True:
+        t0 = perf()
+        if i >= limit or t0 >= deadline:
+            return
+        op(keys[i % n])
+        record(perf() - t0)
+        i += 1
+
+
+async def _loop_async(op: Op, keys: Sequence[Any], limit: float, deadline: float, lat: list[int]) -> None:
+    perf = time.perf_counter_ns
+    record = lat.append
+    n = len(keys)
+    i = 0
+    while True:
+        t0 = perf()
+        if i >= limit or t0 >= deadline:
+            return
+        await op(keys[i % n])
+        record(perf() - t0)
+        i += 1
+
+
 async def drive(
-    op: Op,
+    op: Op | SyncOp,
     keys: Sequence[Any],
     concurrency: int,
     *,
     seconds: float | None = None,
     max_ops: int | None = None,
+    sync: bool = False,
 ) -> Run:
     """Run ``op`` from ``concurrency`` tasks until ``seconds`` pass or ``max_ops`` have started.
 
     Latencies are recorded for every operation; the first failure stops the
-    run and is raised.
+    run and is raised. ``sync``: ``op`` is a plain function, called (not
+    awaited) in the same loop as a single task's coroutine function.
     """
     if not keys:
         raise ValueError("no keys to run on")
+    if sync and concurrency != 1:
+        raise ValueError("a plain (sync) operation runs at concurrency 1 only")
     perf = time.perf_counter_ns
     lat: list[int] = []
     record = lat.append
@@ -184,12 +256,15 @@ async def drive(
             if started >= limit or (deadline is not None and t0 >= deadline):
                 return
             started += 1
-            await op(keys[i % n])
+            await op(keys[i % n])  # type: ignore[misc]
             record(perf() - t0)
             i += concurrency
 
-    if concurrency == 1:
-        await worker(0)
+    until = math.inf if deadline is None else deadline
+    if sync:
+        _loop_sync(op, keys, limit, until, lat)
+    elif concurrency == 1:
+        await _loop_async(op, keys, limit, until, lat)  # type: ignore[arg-type]
     else:
         async with asyncio.TaskGroup() as tg:
             for w in range(concurrency):
@@ -201,22 +276,123 @@ async def drive(
 Progress = Callable[[str], None]
 
 
+def _overhead_contender() -> Contender:
+    return Contender(LOOP_OVERHEAD, id, sync=True)
+
+
 async def compare(comparison: Comparison, timing: Timing, progress: Progress | None = None) -> list[Result]:
-    """Measure dal and its baselines in alternating rounds; results in contender order."""
+    """Measure dal and its baselines in alternating rounds; results in contender order.
+
+    With ``loop_overhead`` the do-nothing contender's result comes last.
+    """
     c = comparison.concurrency
     contenders = comparison.contenders
+    if comparison.loop_overhead:
+        contenders = (*contenders, _overhead_contender())
     for cont in contenders:
         if progress:
             progress(f"warming up {cont.name} ({timing.warmup_ops} ops)")
-        await drive(cont.op, comparison.keys, c, max_ops=max(timing.warmup_ops, c))
+        await drive(cont.op, comparison.keys, c, max_ops=max(timing.warmup_ops, c), sync=cont.sync)
     runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
     for rnd in range(timing.rounds):
         order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
         for cont in order:
             gc.collect()
-            run = await drive(cont.op, comparison.keys, c, seconds=timing.round_seconds)
+            run = await drive(cont.op, comparison.keys, c, seconds=timing.round_seconds, sync=cont.sync)
             runs[cont.name].append(run)
         if progress:
             shown = ", ".join(f"{name} {rs[-1].ops_per_s:,.0f}/s" for name, rs in runs.items())
             progress(f"round {rnd + 1}/{timing.rounds}: {shown}")
     return [Result(cont.name, c, tuple(runs[cont.name])) for cont in contenders]
+
+
+# -- bursts -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BurstContender:
+    """One way to answer a burst of concurrent reads of one key.
+
+    ``prepare`` (untimed, before every burst) makes the key cold; ``queries``
+    returns the number of database statements run so far (a counter).
+    """
+
+    name: str
+    op: Callable[[], Awaitable[object]]
+    prepare: Callable[[], Awaitable[None]]
+    queries: Callable[[], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """``size`` concurrent reads of one cold key, dal against its baselines.
+
+    ``targets`` maps a counter name (``db_queries``: statements per burst)
+    to its largest acceptable value; ``counters`` as for :class:`Comparison`.
+    """
+
+    name: str
+    size: int
+    dal: BurstContender
+    baselines: tuple[BurstContender, ...]
+    targets: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+    counters: Callable[[], Mapping[str, int]] | None = None
+
+    @property
+    def contenders(self) -> tuple[BurstContender, ...]:
+        return (self.dal, *self.baselines)
+
+
+@dataclass(frozen=True, slots=True)
+class BurstResult:
+    """A contender's bursts: timings (one :class:`Run` per burst) and statements per burst."""
+
+    result: Result
+    queries: tuple[int, ...]
+
+
+async def burst_once(cont: BurstContender, size: int) -> tuple[Run, int]:
+    """Prepare, then start ``size`` operations at once; (timing, database statements)."""
+    await cont.prepare()
+    perf = time.perf_counter_ns
+    lat: list[int] = []
+    record = lat.append
+    op = cont.op
+
+    async def one(t0: int) -> None:
+        await op()
+        record(perf() - t0)
+
+    q0 = cont.queries()
+    cpu0 = time.process_time_ns()
+    start = perf()
+    await asyncio.gather(*(one(start) for _ in range(size)))
+    wall = perf() - start
+    cpu = time.process_time_ns() - cpu0
+    return Run(len(lat), wall, cpu, lat), cont.queries() - q0
+
+
+async def run_bursts(burst: Burst, timing: Timing, progress: Progress | None = None) -> list[BurstResult]:
+    """One warm-up burst per contender, then ``timing.rounds`` alternating bursts each."""
+    contenders = burst.contenders
+    for cont in contenders:
+        if progress:
+            progress(f"warming up {cont.name} (1 burst of {burst.size})")
+        await burst_once(cont, burst.size)
+    runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
+    queries: dict[str, list[int]] = {cont.name: [] for cont in contenders}
+    for rnd in range(timing.rounds):
+        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+        for cont in order:
+            gc.collect()
+            run, q = await burst_once(cont, burst.size)
+            runs[cont.name].append(run)
+            queries[cont.name].append(q)
+        if progress:
+            shown = ", ".join(
+                f"{name} {rs[-1].wall_ns / 1e6:.1f} ms, {queries[name][-1]} queries" for name, rs in runs.items()
+            )
+            progress(f"burst {rnd + 1}/{timing.rounds}: {shown}")
+    return [
+        BurstResult(Result(cont.name, burst.size, tuple(runs[cont.name])), tuple(queries[cont.name]))
+        for cont in contenders
+    ]

@@ -32,6 +32,30 @@ The ``:c32`` variants run the same operations from 32 concurrent tasks. The dal
 pool, the asyncpg pool, the SQLAlchemy pool and the aiomysql pool are all
 capped at ``pool_size`` = 10 connections (asyncpg's and aiomysql's default
 maximum).
+
+The cache scenarios read the same PostgreSQL table through other layers whose
+table has ``cache`` on (Redis at ``redis_url``, a namespace and pub/sub
+channel of their own, ``l1_ttl`` and ``l2_ttl`` of an hour so nothing expires
+during a run; every Redis key of the namespace is deleted at the end):
+
+* ``get.l1_hit``: ``await repo.get(key)`` with every key in L1 (warmed
+  first), against ``cachetools.tlru.getitem``, a bare
+  ``TLRUCache.__getitem__`` of an existing key (int ids) in a cache of the
+  same ``maxsize``, holding the same ``(expiry, row)`` entries as dal's L1 and
+  called without ``await`` in the same loop, and against
+  ``asyncpg.pool.fetchrow``. Ratios are also given net of the measuring
+  loop's own time per op (``vs_net``), which the targets are judged on.
+* ``get.l2_hit``: ``await repo.get(key)`` answered by L2: the layer's L1
+  holds one entry (``l1_max_size = 1``) and the keys are the distinct ids in
+  a shuffled cycle, so consecutive keys always differ and L1 misses every
+  time (nothing is flushed; the eviction is part of dal's L1 fill). Against
+  ``redis.get``: ``await client.get(k)`` of the same key (the row dal
+  stored, so the same bytes), decoded with dal's msgpack codec, on a
+  ``redis.asyncio.Redis.from_url()`` client with redis-py's defaults.
+* ``stampede``: 1,000 concurrent ``repo.get`` of one cold key (not in L1,
+  nor in L2, no version key, no lease: reset untimed before every burst),
+  counting the database statements each burst runs (the layer's node
+  counters); against 1,000 concurrent ``asyncpg.pool.fetchrow`` of it.
 """
 
 from __future__ import annotations
@@ -39,9 +63,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +77,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dal.bench.measure import Comparison, Contender, Op
+from dal.bench.measure import Burst, BurstContender, Comparison, Contender, Op
 from dal.layer import DataLayer
 
 LOGICAL_TABLE = "dal_bench_users"
@@ -58,19 +85,28 @@ TABLE_SHARDS = 4
 COLUMNS = ("id", "name", "email", "age", "active")
 CONCURRENCY = 32
 KEY_COUNT = 100_000  # length of the pre-generated key sequence (cycled)
+STAMPEDE = 1_000  # concurrent cold gets per stampede burst
+CACHE_TTL = 3600.0  # l1_ttl and l2_ttl of the cached layers: nothing expires during a run
 
 Backend = Literal["pg", "mysql"]
+Scenario = Comparison | Burst
 
 
 @dataclass(frozen=True, slots=True)
 class ScenarioSpec:
-    """A dal scenario: its backend, concurrency, baselines and targets (max ratios)."""
+    """A dal scenario: its backend, concurrency, baselines and targets.
+
+    Targets are the largest acceptable ratio per baseline, or for a burst the
+    largest acceptable counter (``db_queries``). ``cache``: it needs Redis and
+    a cached layer.
+    """
 
     name: str
     backend: Backend
     concurrency: int
     baselines: tuple[str, ...]
     targets: Mapping[str, float]
+    cache: bool = False
 
 
 def _specs() -> dict[str, ScenarioSpec]:
@@ -87,6 +123,19 @@ def _specs() -> dict[str, ScenarioSpec]:
         out[name] = ScenarioSpec(name, be, 1, bases, targets)
         sfx = f":c{CONCURRENCY}"
         out[name + sfx] = ScenarioSpec(name + sfx, be, CONCURRENCY, tuple(b + sfx for b in bases), {})
+    for spec in (
+        ScenarioSpec(
+            "get.l1_hit",
+            "pg",
+            1,
+            ("cachetools.tlru.getitem", "asyncpg.pool.fetchrow"),
+            {"cachetools.tlru.getitem": 5.0, "asyncpg.pool.fetchrow": 0.02},
+            cache=True,
+        ),
+        ScenarioSpec("get.l2_hit", "pg", 1, ("redis.get",), {"redis.get": 1.15}, cache=True),
+        ScenarioSpec("stampede", "pg", STAMPEDE, ("asyncpg.pool.fetchrow",), {"db_queries": 1}, cache=True),
+    ):
+        out[spec.name] = spec
     return out
 
 
@@ -116,12 +165,13 @@ def select(only: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class SuiteOptions:
-    """Data, pool size and table name shared by every scenario."""
+    """Data, pool size, table name and Redis shared by every scenario."""
 
     rows: int = 10_000
     seed: int = 1234
     pool_size: int = 10
     table: str = LOGICAL_TABLE  # logical table; the physical ones are {table}_0 .. _3
+    redis_url: str = "redis://127.0.0.1:6379/0"  # L2 of the cache scenarios
 
     def __post_init__(self) -> None:
         if self.rows < TABLE_SHARDS * 10:
