@@ -52,7 +52,7 @@ from dal.errors import (
     DuplicateKeyError,
     ValidationError,
 )
-from dal.routing.router import Role, Target
+from dal.routing.router import Target
 from dal.sql import Compiled, compile_statement
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ class BatchPlanner:
         groups: dict[tuple[int, tuple[str, ...]], _Batch] = {}
         order: list[tuple[int, tuple[str, ...]]] = []
         targets = self.repo._primary_targets
-        n = 0
         for i, item in enumerate(items):
-            n += 1
             if op == "delete":
                 slot, kv = t.locate_key(item)
                 values: tuple[Any, ...] = kv
