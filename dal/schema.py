@@ -134,6 +134,23 @@ def placements_for(spec: TableSpec, config: Config) -> tuple[Placement, ...]:
     return (Placement(0, spec.database, spec.name),)
 
 
+def _fast_kind(column: sa.Column[Any]) -> tuple[type, Any, Any] | None:
+    """(exact type, min, max) for columns a whole list can be checked at C speed."""
+    py = _python_type(column)
+    if py is int:
+        t = column.type
+        bits = 16 if isinstance(t, sa.SmallInteger) else 64 if isinstance(t, sa.BigInteger) else 32
+        return int, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if py is str:
+        return str, None, getattr(column.type, "length", None)
+    if py is bool:
+        return bool, None, None
+    if py is decimal.Decimal and getattr(column.type, "precision", None) is not None:
+        bound = decimal.Decimal(10) ** (column.type.precision - (getattr(column.type, "scale", None) or 0))  # type: ignore[attr-defined]
+        return decimal.Decimal, -bound, bound
+    return None
+
+
 def _python_type(column: sa.Column[Any]) -> type:
     try:
         return column.type.python_type
@@ -201,6 +218,8 @@ class LogicalTable:
         self._shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
         self._checkers: dict[str, Checker] = {c.name: _checker_for(c) for c in table.columns}
         self._single_pk = len(pk) == 1
+        self._nullable = {c.name: bool(c.nullable) for c in table.columns}
+        self._fast_kinds = {c.name: k for c in table.columns if (k := _fast_kind(c)) is not None}
         # Values that callers could mutate in place (JSON, arrays): cached rows are deep-copied.
         self.mutable_values = any(_python_type(c) in (dict, list, object) for c in table.columns)
         self._pk_checker = self._checkers[pk[0]]
@@ -341,6 +360,32 @@ class LogicalTable:
         if self.shard_key is not None:
             encode_key(out[self.shard_key], table=self.name)
         return out
+
+    def column_ok(self, name: str, values: list[Any]) -> bool:
+        """Whether every value fits column ``name`` (a fast check over a whole column).
+
+        False says only that some value is bad; validate row by row to learn which.
+        """
+        kind = self._fast_kinds.get(name)
+        nullable = self._nullable[name]
+        if nullable and None in values:
+            values = [v for v in values if v is not None]
+        if kind is not None and values:
+            typ, lo, hi = kind
+            if set(map(type, values)) != {typ}:  # C-speed loop over the column
+                return False
+            if typ is str:
+                return hi is None or max(map(len, values)) <= hi
+            if typ is int:
+                return lo <= min(values) and max(values) <= hi
+            if typ is decimal.Decimal:
+                try:
+                    return lo < min(values) and max(values) < hi
+                except ArithmeticError:  # NaN
+                    return False
+            return True
+        check = self._checkers[name]
+        return all(check(v) is None for v in values)
 
     def update_values(self, values: object) -> dict[str, Any]:
         """Validate a partial row for update; the primary key cannot change."""
