@@ -205,7 +205,7 @@ class BatchPlanner:
                 cols[name] = [_default_value(default) for _ in rows]
         if any(name not in cols for name in t._required) or not all(c in cols for c in t.primary_key):
             return None
-        shard = cols[t.shard_key]  # type: ignore[index]
+        shard = cols[t.shard_key]
         kinds = set(map(type, shard))
         if kinds == {int}:
             encoded: Iterable[bytes] = map(str.encode, map(str, shard))

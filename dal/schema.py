@@ -377,10 +377,10 @@ class LogicalTable:
             if typ is str:
                 return hi is None or max(map(len, values)) <= hi
             if typ is int:
-                return lo <= min(values) and max(values) <= hi
+                return bool(lo <= min(values) and max(values) <= hi)
             if typ is decimal.Decimal:
                 try:
-                    return lo < min(values) and max(values) < hi
+                    return bool(lo < min(values) and max(values) < hi)
                 except ArithmeticError:  # NaN
                     return False
             return True
