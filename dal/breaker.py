@@ -59,6 +59,12 @@ class Breaker:
             if self._on_close is not None:
                 self._on_close()
 
+    def abandon(self) -> None:
+        """A call that was let through ended without an outcome (cancelled, or an
+        unexpected error). If it was the half-open trial, the next call may be a
+        trial; without this the breaker would wait forever for that outcome."""
+        self._trial = False
+
     def failure(self) -> None:
         self._failures += 1
         if self._opened_at is not None:

@@ -44,6 +44,7 @@ held by :class:`DSN`, whose ``str``/``repr`` mask it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -51,6 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_plus, urlsplit
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -214,12 +216,16 @@ class CachePolicy:
     version_ttl: float = 86_400.0
 
     def validate(self, where: str) -> None:
+        # Written as "not (ok)" so NaN (which compares false) is rejected too; TTLs
+        # become integer milliseconds, so they must also be finite.
         for name in ("l1_ttl", "l2_ttl", "negative_ttl", "lease_ttl", "version_ttl"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name}", "must be > 0")
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{where}.{name}", "must be a finite number > 0")
         for name in ("lease_wait", "fresh_window"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}.{name}", "must be >= 0")
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{where}.{name}", "must be a finite number >= 0")
         if not 0 <= self.jitter < 1:
             raise ConfigError(f"{where}.jitter", "must be in [0, 1)")
         if self.l1_max_size < 1:
@@ -248,32 +254,55 @@ class CacheSettings:
     channel: str = "dal:invalidate"
 
     def validate(self) -> None:
-        if self.timeout <= 0:
-            raise ConfigError("cache.timeout", "must be > 0")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError("cache.timeout", "must be a finite number > 0")
         if self.breaker_failures < 1:
             raise ConfigError("cache.breaker_failures", "must be >= 1")
-        if self.breaker_reset <= 0:
-            raise ConfigError("cache.breaker_reset", "must be > 0")
+        if not (math.isfinite(self.breaker_reset) and self.breaker_reset > 0):
+            raise ConfigError("cache.breaker_reset", "must be a finite number > 0")
 
 
 class DSNText:
-    """A Redis URL whose password never leaks through ``str``/``repr``."""
+    """A Redis URL whose password never leaks through ``str``/``repr``.
+
+    Parsed the way redis-py parses it (``urllib.parse``: the password is
+    everything between the first ``:`` of the userinfo and the *last* ``@``),
+    so the masked form hides exactly what the client sends; a ``password``
+    query argument (which redis-py also accepts) is masked too.
+    """
 
     __slots__ = ("url",)
 
+    _SECRET_QUERY = frozenset({"password"})
+
     def __init__(self, url: str, *, field_name: str = "cache.redis") -> None:
         try:
-            parsed = make_url(url.replace("rediss://", "redis://", 1))
-        except (ArgumentError, ValueError, TypeError):
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad or out-of-range port
+        except (ValueError, TypeError, AttributeError):
             raise ConfigError(field_name, "not a valid Redis URL") from None
-        if not url.startswith(("redis://", "rediss://", "unix://")) or (parsed.host is None and not url.startswith("unix://")):
+        scheme = parts.scheme.lower()
+        if scheme not in ("redis", "rediss", "unix") or (scheme != "unix" and not parts.hostname):
             raise ConfigError(field_name, "expected redis://, rediss:// or unix:// URL")
+        if scheme == "unix" and not parts.path:
+            raise ConfigError(field_name, "a unix:// URL needs the socket path")
         self.url = url
 
     @property
     def masked(self) -> str:
-        scheme = self.url.split("://", 1)[0]
-        return scheme + "://" + make_url(self.url.replace(scheme + "://", "redis://", 1)).render_as_string(hide_password=True).split("://", 1)[1]
+        parts = urlsplit(self.url)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        netloc = parts.netloc
+        if at:
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
+        query = "&".join(
+            (piece.partition("=")[0] + "=***")
+            if unquote_plus(piece.partition("=")[0]).lower() in self._SECRET_QUERY
+            else piece
+            for piece in parts.query.split("&")
+        ) if parts.query else ""
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
     def __str__(self) -> str:
         return self.masked

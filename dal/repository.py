@@ -605,8 +605,15 @@ class Repository(Generic[RowT]):
                 tx.open = False
             if tx.failure is not None:
                 raise TransactionError(f"the transaction was rolled back: {tx.failure}")
-        for cache, encs, inserted in tx.after_commit:
-            await cache.invalidate(encs, inserted=inserted)
+        if tx.after_commit and self._layer.cache is not None:
+            # All of them in one task that a cancelled caller does not stop: the
+            # later writes of the transaction must not stay cached with old rows.
+            await self._layer.cache.shielded(_invalidate_all(tx.after_commit))
+
+
+async def _invalidate_all(items: Sequence[tuple[TableCache, list[bytes], bool]]) -> None:
+    for cache, encs, inserted in items:
+        await cache.invalidate(encs, inserted=inserted)
 
 
 class _Desc:

@@ -1,9 +1,11 @@
 """Serializers for cached rows: msgpack (default) or JSON. Never pickle.
 
-Both round-trip the values rows hold: ``None``, bool, int, float, str, bytes,
-lists/dicts (JSON columns), and, through explicit tags, ``datetime``,
-``date``, ``time``, ``timedelta``, ``Decimal`` and ``UUID``. A row is a dict;
-``None`` encodes "no such row" (a negative-cache placeholder).
+Both round-trip the values rows hold: ``None``, bool, int (any size), float,
+str, bytes, lists/dicts (JSON columns), and, through explicit tags,
+``datetime``, ``date``, ``time``, ``timedelta``, ``Decimal`` and ``UUID``. A
+row is a dict; ``None`` encodes "no such row" (a negative-cache placeholder).
+In JSON, user dicts that look like a tag (one key starting with ``$``) are
+escaped, so a JSON column holding ``{"$dt": "..."}`` comes back as that dict.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Codec(Protocol):
     def loads(self, data: bytes) -> dict[str, Any] | None: ...
 
 
-_DT, _DATE, _TIME, _TD, _DEC, _UUID = 1, 2, 3, 4, 5, 6
+_DT, _DATE, _TIME, _TD, _DEC, _UUID, _BIGINT = 1, 2, 3, 4, 5, 6, 7
 
 
 def _pack_ext(v: Any) -> msgpack.ExtType:
@@ -41,6 +43,9 @@ def _pack_ext(v: Any) -> msgpack.ExtType:
         return msgpack.ExtType(_DEC, str(v).encode())
     if isinstance(v, uuid.UUID):
         return msgpack.ExtType(_UUID, v.bytes)
+    if isinstance(v, int) and not isinstance(v, bool):
+        # msgpack ints stop at 64 bits; it hands larger ones (NUMERIC keys, counters) here.
+        return msgpack.ExtType(_BIGINT, str(int(v)).encode())
     raise TypeError(f"cannot cache a value of type {type(v).__name__}")
 
 
@@ -58,6 +63,8 @@ def _unpack_ext(code: int, data: bytes) -> Any:
         return decimal.Decimal(data.decode())
     if code == _UUID:
         return uuid.UUID(bytes=data)
+    if code == _BIGINT:
+        return int(data.decode())
     return msgpack.ExtType(code, data)
 
 
@@ -103,12 +110,29 @@ _JSON_TAGS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _json_escape(v: Any) -> Any:
+    """Make user dicts that look like tags unambiguous: a one-key dict whose key starts
+    with ``$`` (a JSON column holding ``{"$dt": ...}``) gets one more ``$``, which
+    :func:`_json_hook` strips again; without this it would decode as a datetime."""
+    if isinstance(v, dict):
+        if len(v) == 1:
+            ((k, x),) = v.items()
+            if isinstance(k, str) and k.startswith("$"):
+                return {"$" + k: _json_escape(x)}
+        return {k: _json_escape(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_escape(x) for x in v]
+    return v
+
+
 def _json_hook(obj: dict[str, Any]) -> Any:
     if len(obj) == 1:
-        (k, v), = obj.items()
+        ((k, v),) = obj.items()
         conv = _JSON_TAGS.get(k)
         if conv is not None:
             return conv(v)
+        if k.startswith("$$"):
+            return {k[1:]: v}
     return obj
 
 
@@ -116,7 +140,7 @@ class JsonCodec:
     __slots__ = ()
 
     def dumps(self, value: dict[str, Any] | None) -> bytes:
-        return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+        return json.dumps(_json_escape(value), default=_json_default, separators=(",", ":")).encode()
 
     def loads(self, data: bytes) -> dict[str, Any] | None:
         return json.loads(data, object_hook=_json_hook)  # type: ignore[no-any-return]

@@ -7,9 +7,13 @@ inserts, adds them to its Bloom filter. Messages from this process are
 ignored (it already did both before returning).
 
 Pub/sub delivers only to connected subscribers, so whenever the subscription
-(re)connects, or a sequence number from a known origin skips, the process
+(re)connects, or a sequence number from a known origin skips ahead, the process
 assumes it missed messages: it flushes its L1 and resyncs its Bloom filters
-(``on_gap``).
+(``on_gap``). A message that arrives late (a publish retried after a failure,
+its sequence number already passed) is applied as usual: the flush at the skip
+already covered it, and it is no new gap. A process publishes its messages one
+at a time, in sequence order, each bounded by ``timeout`` (the bus connection
+itself has no read timeout, and a write must not wait on a hung Redis).
 
 A delete or publish that fails goes to the :class:`RetryQueue` and is retried
 with backoff until it succeeds; nothing is silently dropped, and every failure
@@ -41,6 +45,7 @@ class RetryQueue:
         self._task: asyncio.Task[None] | None = None
         self._initial = initial
         self._maximum = maximum
+        self._running = 0  # taken off the queue, not yet done
         self.retried = 0
         self.failures = 0
 
@@ -55,12 +60,14 @@ class RetryQueue:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Operations not done yet: queued, plus the one being retried."""
+        return self._queue.qsize() + self._running
 
     async def _run(self) -> None:
         delay = self._initial
         while True:
             op = await self._queue.get()
+            self._running = 1
             while True:
                 self.retried += 1
                 try:
@@ -70,6 +77,7 @@ class RetryQueue:
                     done = False
                 if done:
                     delay = self._initial
+                    self._running = 0
                     self._queue.task_done()
                     break
                 await asyncio.sleep(delay)
@@ -92,9 +100,14 @@ class RetryQueue:
 class InvalidationBus:
     """Publishes this process's invalidations and applies everyone else's."""
 
-    def __init__(self, client: Any, channel: str, *, on_gap: Callable[[], None]) -> None:
+    def __init__(
+        self, client: Any, channel: str, *, on_gap: Callable[[], None], timeout: float = 0.25, cluster: bool = False
+    ) -> None:
         self.client = client
         self.channel = channel
+        self.cluster = cluster
+        self.timeout = timeout
+        self._publishing = asyncio.Lock()
         self.origin = os.urandom(8)
         self._seq = 0
         self._handlers: dict[str, Handler] = {}
@@ -116,10 +129,17 @@ class InvalidationBus:
 
     async def publish(self, payload: bytes) -> bool:
         try:
-            await self.client.publish(self.channel, payload)
-        except Exception:  # RedisError, OSError: the retry queue tries again
+            async with asyncio.timeout(self.timeout):
+                await self.client.publish(self.channel, payload)
+        except Exception:  # RedisError, OSError, TimeoutError: the retry queue tries again
             return False
         return True
+
+    async def send(self, table: str, keys: list[bytes], inserted: bool) -> bytes | None:
+        """Publish one invalidation, in sequence order; the payload when it failed (to retry)."""
+        async with self._publishing:
+            payload = self.message(table, keys, inserted)
+            return None if await self.publish(payload) else payload
 
     # -- subscriber ------------------------------------------------------------------------
     async def start(self, *, wait: float = 1.0) -> None:
@@ -135,16 +155,22 @@ class InvalidationBus:
 
     async def _listen(self) -> None:
         first = True
+        failing = False
         delay = 0.05
         while True:
             pubsub = self.client.pubsub()
             try:
+                if self.cluster:
+                    # A cluster pubsub picks its node from the client's slot map, which
+                    # only initialize() loads (this client runs no other command first).
+                    await self.client.initialize()
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.reconnects += 1
                     self.gaps += 1
                     self._on_gap()  # messages may have been missed while disconnected
                 first = False
+                failing = False
                 self._subscribed.set()
                 delay = 0.05
                 while True:
@@ -156,6 +182,9 @@ class InvalidationBus:
             except Exception as exc:  # connection lost: reconnect with backoff
                 if self._subscribed.is_set():
                     log.warning("invalidation subscription lost: %s", exc)
+                elif not failing:
+                    log.warning("cannot subscribe to invalidations: %r", exc)
+                failing = True
                 self._subscribed.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -174,8 +203,9 @@ class InvalidationBus:
         self.received += 1
         self.last_delay_ms = (time.time() - sent) * 1000
         last = self._last_seq.get(origin)
-        self._last_seq[origin] = seq
-        if last is not None and seq != last + 1:
+        if last is None or seq > last:
+            self._last_seq[origin] = seq
+        if last is not None and seq > last + 1:
             self.gaps += 1
             self._on_gap()
             return

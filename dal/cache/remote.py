@@ -21,7 +21,10 @@ has not heard of it yet.
 
 Every call goes through a breaker: when Redis fails repeatedly, calls return
 :data:`UNAVAILABLE` at once instead of each waiting out a timeout, and
-failures are counted.
+failures are counted. At most ``max_inflight`` calls run at once (the rest
+wait their turn): redis-py's pool refuses a command when all its connections
+(100 by default, per node on a cluster) are busy, and a burst of misses must
+queue, not fail and trip the breaker.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any
 from dal.breaker import Breaker
 
 log = logging.getLogger("dal.cache")
+
+_FILL_CHUNK = 500  # fills per pipeline
 
 UNAVAILABLE: Any = object()
 """Returned instead of a result when Redis could not be used."""
@@ -56,6 +61,23 @@ redis.call('SET', KEYS[2], (n + 1) .. ':' .. ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[1])
 return n + 1
 """
+
+_SAVE_BLOOM = """
+local cap = redis.call('HGET', KEYS[2], 'capacity')
+local rate = redis.call('HGET', KEYS[2], 'error_rate')
+if (cap == false or (cap == ARGV[2] and rate == ARGV[3])) and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[3], ARGV[1])
+  redis.call('BITOP', 'OR', KEYS[1], KEYS[1], KEYS[3])
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[2], 'capacity', ARGV[2], 'error_rate', ARGV[3], 'count', ARGV[4], 'generation', ARGV[5])
+return 1
+"""
+"""Save a Bloom filter snapshot (KEYS: bits, meta, scratch). Bits of the same geometry
+already in Redis are OR-ed in, not replaced: writers SETBIT keys they insert while a
+process scans the database, and that process's filter may not have heard of them yet."""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -82,7 +104,7 @@ def parse_version(raw: bytes | None) -> tuple[str, int | None]:
 class RemoteCache:
     """L2 operations on one Redis client, each guarded by the breaker."""
 
-    def __init__(self, client: Any, breaker: Breaker, *, cluster: bool = False) -> None:
+    def __init__(self, client: Any, breaker: Breaker, *, cluster: bool = False, max_inflight: int = 64) -> None:
         from redis.exceptions import RedisError
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -92,6 +114,8 @@ class RemoteCache:
         self._fill = client.register_script(_FILL)
         self._invalidate = client.register_script(_INVALIDATE)
         self._release = client.register_script(_RELEASE)
+        self._save_bloom = client.register_script(_SAVE_BLOOM)
+        self._inflight = asyncio.Semaphore(max_inflight)
         self.errors = 0
         self.fills = 0
         self.rejected_fills = 0
@@ -100,12 +124,18 @@ class RemoteCache:
         if not self.breaker.allow():
             return UNAVAILABLE
         try:
-            result = await fn()
+            async with self._inflight:
+                result = await fn()
         except self._errors as exc:
             self.errors += 1
             self.breaker.failure()
             log.debug("redis call failed: %s", exc)
             return UNAVAILABLE
+        except BaseException:
+            # Cancelled (or a bug): no verdict on Redis, but a half-open trial
+            # must not stay "in flight" forever.
+            self.breaker.abandon()
+            raise
         self.breaker.success()
         return result
 
@@ -140,6 +170,28 @@ class RemoteCache:
             self.rejected_fills += 1
         return bool(res)
 
+    async def fill_many(self, items: Sequence[tuple[str, bytes, int, str]]) -> None:
+        """:meth:`fill` of many (base, payload, ttl_ms, version): pipelined in chunks (one call
+        per key on a cluster, where the keys live on different nodes)."""
+        if self.cluster:
+            await asyncio.gather(*(self.fill(*item) for item in items))
+            return
+        for i in range(0, len(items), _FILL_CHUNK):
+            chunk = items[i : i + _FILL_CHUNK]
+
+            async def run(chunk: Sequence[tuple[str, bytes, int, str]] = chunk) -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for base, payload, ttl_ms, version in chunk:
+                    await self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms], client=pipe)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+            res = await self._call(run)
+            if res is UNAVAILABLE:
+                return
+            done = sum(1 for r in res if r)
+            self.fills += done
+            self.rejected_fills += len(res) - done
+
     async def invalidate(self, bases: Sequence[str], now_ms: int, version_ttl_ms: int) -> bool:
         """Bump the version and delete the row of every base key. False when Redis failed."""
         async def run() -> None:
@@ -161,6 +213,17 @@ class RemoteCache:
 
     async def release_lease(self, base: str, token: bytes) -> None:
         await self._call(lambda: self._release(keys=[base + ":lease"], args=[token]))
+
+    async def save_bloom(
+        self, bits_key: str, meta_key: str, data: bytes, capacity: int, error_rate: str, count: int, generation: int
+    ) -> bool:
+        """Store a Bloom snapshot, merged with the bits of the same geometry already there."""
+        res = await self._call(
+            lambda: self._save_bloom(
+                keys=[bits_key, meta_key, bits_key + ":scratch"], args=[data, capacity, error_rate, count, generation]
+            )
+        )
+        return res is not UNAVAILABLE
 
     async def setbits(self, key: str, positions: Sequence[int]) -> bool:
         async def run() -> None:

@@ -1,6 +1,6 @@
 """The read and write paths of the two-level cache.
 
-Read (``get``): L1 -> L2 -> Bloom filter -> singleflight -> database, then fill
+Read (``get``): L1 -> singleflight -> L2 -> Bloom filter -> database, then fill
 L2 and L1.
 
 - L1 hit: a copy of the row (or ``None`` for a cached "absent").
@@ -11,9 +11,11 @@ L2 and L1.
   key was never inserted, the answer is ``None`` without touching the database
   (penetration, 穿透), cached in L1 only so Redis does not fill with
   placeholders for keys that do not exist.
-- Otherwise one load per key per process (singleflight), and across processes
-  a short Redis lease: the holder loads, the others wait up to ``lease_wait``
-  for its fill, then load themselves (stampede, 击穿). A key written within
+- Otherwise one L2 read and one load per key per process (singleflight: all
+  concurrent misses of a key share them), and across processes
+  a short Redis lease: the holder looks at L2 once more (a previous holder may
+  have filled it since the miss) and loads, the others wait up to
+  ``lease_wait`` for its fill, then load themselves (stampede, 击穿). A key written within
   ``fresh_window`` is loaded from the primary, since a replica may not have
   replayed the write yet.
 - Fills: L2 by compare-and-set on the version read with the miss (a fill that
@@ -21,10 +23,16 @@ L2 and L1.
   not-found result as a short-lived placeholder. Then L1, guarded.
 
 Write (``invalidate``, after the commit): evict L1 and forget in-flight loads
-of the keys (so no reader that starts after the write returns can see the old
-row), add inserted keys to the Bloom filter, bump the version and delete the
-row in L2, publish one invalidation message. Failed Redis steps go to the
-retry queue; nothing raises to the caller.
+of the keys, add inserted keys to the Bloom filter, bump the version and
+delete the row in L2, evict L1 and forget in-flight loads again (a read that
+raced the L2 delete may have put the old row back; so no reader of this
+process that starts after the write returns can see the old row), publish one
+invalidation message. Failed Redis steps go to the
+retry queue; nothing raises to the caller. While a key's L2 delete waits in
+the retry queue, this process reads that key from the primary and neither
+reads nor fills L2 (which may still hold the old row once Redis is back, and
+has no version key to say the write is recent); when the retried delete
+succeeds, L1 is evicted once more.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from dal.cache.bloom import BloomMembership
 from dal.cache.codec import Codec, make_codec
@@ -47,6 +55,8 @@ from dal.cache.remote import UNAVAILABLE, RemoteCache, key_token, parse_version
 from dal.config import CachePolicy
 
 log = logging.getLogger("dal.cache")
+
+T = TypeVar("T")
 
 Row = dict[str, Any]
 LoadOne = Callable[[bool], Awaitable[Row | None]]
@@ -82,6 +92,11 @@ class TableCache:
         self.bloom_ready = False
         self._scan_keys = scan_keys
         self._rebuilding: asyncio.Task[None] | None = None
+        # Keys this process wrote whose L2 delete has not gone through yet (Redis
+        # down): L2 may still hold the old row, and there is no version key saying
+        # the write is recent. Until the retried delete succeeds, reads of these
+        # keys skip L2 and load from the primary. Key -> writes still pending.
+        self._unsynced: dict[bytes, int] = {}
         # Counters (metrics are fed from these).
         self.db_loads = 0
         self.bloom_rejections = 0
@@ -121,11 +136,22 @@ class TableCache:
         return self.l1.get(enc)
 
     async def get(self, enc: bytes, load: LoadOne) -> Row | None:
-        """The row for ``enc`` after an L1 miss."""
+        """The row for ``enc`` after an L1 miss.
+
+        Concurrent misses of one key in this process share one flight: one L2
+        read and at most one load (a flight started before a write of the key
+        is not joined after it: the write forgets it).
+        """
         gen = self.l1.generation()
+        row = await self.flight.do(enc, lambda: self._miss(enc, gen, load))
+        return None if row is None else self._copy(row)
+
+    async def _miss(self, enc: bytes, gen: int, load: LoadOne) -> Row | None:
         remote = self.runtime.remote
         version = ""
         fresh = False
+        if enc in self._unsynced:
+            return await self._load(enc, "", True, gen, load, use_l2=False)
         if remote is not None:
             res = await remote.read([self.base(enc)])
             if res is not UNAVAILABLE:
@@ -133,17 +159,18 @@ class TableCache:
                 if raw is not None:
                     row = self.codec.loads(raw)
                     self.l1.put(enc, row, self._l1_ttl(row), gen)
-                    return None if row is None else self._copy(row)
+                    return row
                 version, written = parse_version(ver)
                 fresh = self._fresh(written)
                 if ver is None and self._bloom_says_absent(enc):
                     self.l1.put(enc, None, self._l1_ttl(None), gen)
                     return None
-        row = await self.flight.do(enc, lambda: self._load(enc, version, fresh, gen, load))
-        return None if row is None else self._copy(row)
+        return await self._load(enc, version, fresh, gen, load)
 
-    async def _load(self, enc: bytes, version: str, fresh: bool, gen: int, load: LoadOne) -> Row | None:
-        remote = self.runtime.remote
+    async def _load(
+        self, enc: bytes, version: str, fresh: bool, gen: int, load: LoadOne, *, use_l2: bool = True
+    ) -> Row | None:
+        remote = self.runtime.remote if use_l2 else None
         base = self.base(enc)
         token: bytes | None = None
         if remote is not None and remote.available:
@@ -158,6 +185,15 @@ class TableCache:
                 token = None
             elif got is UNAVAILABLE:
                 token = None
+            else:
+                # Won the lease, but a previous holder may have filled L2 and released
+                # the lease between our miss and now: look once more before loading.
+                raw = await remote.get_row(base)
+                if raw is not UNAVAILABLE and raw is not None:
+                    await asyncio.shield(remote.release_lease(base, token))
+                    filled: Row | None = self.codec.loads(raw)
+                    self.l1.put(enc, filled, self._l1_ttl(filled), gen)
+                    return filled
         try:
             self.db_loads += 1
             row = await load(fresh)
@@ -191,9 +227,11 @@ class TableCache:
         out: dict[bytes, Row | None] = {}
         remote = self.runtime.remote
         versions: dict[bytes, str] = {}
-        fresh: list[bytes] = []
+        # Keys with an L2 delete pending (see _unsynced): no L2 read or fill, primary.
+        unsynced = {e for e in encs if e in self._unsynced}
+        fresh: list[bytes] = list(unsynced)
         stale_ok: list[bytes] = []
-        todo = list(encs)
+        todo = [e for e in encs if e not in unsynced]
         if remote is not None and todo:
             res = await remote.read([self.base(e) for e in todo])
             if res is not UNAVAILABLE:
@@ -225,11 +263,11 @@ class TableCache:
             for enc in group:
                 row = rows.get(enc)
                 out[enc] = row
-                if remote is not None:
-                    fills.append(remote.fill(self.base(enc), self.codec.dumps(row), self._l2_ttl_ms(row), versions.get(enc, "")))
+                if remote is not None and enc not in unsynced:
+                    fills.append((self.base(enc), self.codec.dumps(row), self._l2_ttl_ms(row), versions.get(enc, "")))
                 self.l1.put(enc, row, self._l1_ttl(row), gen)
             if fills:
-                await asyncio.gather(*fills)
+                await remote.fill_many(fills)  # type: ignore[union-attr]
         return {e: (None if r is None else self._copy(r)) for e, r in out.items()}
 
     # -- write path -----------------------------------------------------------------------
@@ -242,9 +280,17 @@ class TableCache:
             self.bloom.add_many(encs)
 
     async def invalidate(self, encs: Sequence[bytes], *, inserted: bool) -> None:
-        """After a commit of writes to ``encs``. Never raises; failed Redis steps are retried."""
+        """After a commit of writes to ``encs``. Never raises; failed Redis steps are retried.
+
+        Runs to the end even when the caller is cancelled meanwhile (a request
+        timeout right after the commit): stopping halfway would leave L2 and other
+        processes' L1 with the old row until their TTLs.
+        """
         if not encs:
             return
+        await self.runtime.shielded(self._invalidate(list(encs), inserted))
+
+    async def _invalidate(self, encs: Sequence[bytes], inserted: bool) -> None:
         self.evict_local(encs, inserted)
         rt = self.runtime
         if rt.remote is None:
@@ -257,7 +303,24 @@ class TableCache:
             return await remote.invalidate(bases, rt.wall_ms(), version_ttl_ms)
 
         if not await asyncio.shield(delete()):
-            rt.retry.put(delete)
+            self._mark_unsynced(encs)
+
+            async def retry_delete() -> bool:
+                if not await delete():
+                    return False
+                self._mark_synced(encs)
+                # Readers of this process may have put the old row from L2 into L1
+                # since Redis came back: evict once more, now that L2 is clean.
+                self.evict_local(encs, False)
+                return True
+
+            rt.retry.put(retry_delete)
+        # A reader of this process that started between the eviction above and
+        # the L2 delete may have read the old row (from L2, or from a replica
+        # with the old version in hand) and filled L1 with it, guarded by a
+        # generation newer than that eviction; or a later caller may join its
+        # flight. Evict again, so nothing read before the delete outlives it.
+        self.evict_local(encs, False)
         if inserted and self.bloom is not None and self.policy.bloom_source == "redis":
             # Keep the shared snapshot complete: a process that loads it later
             # must know every key inserted before.
@@ -271,14 +334,26 @@ class TableCache:
             if not await asyncio.shield(setbits()):
                 rt.retry.put(setbits)
         if rt.bus is not None:
-            payload = rt.bus.message(self.table, list(encs), inserted)
             bus = rt.bus
+            failed = await asyncio.shield(bus.send(self.table, list(encs), inserted))
+            if failed is not None:
 
-            async def publish() -> bool:
-                return await bus.publish(payload)
+                async def publish(payload: bytes = failed) -> bool:
+                    return await bus.publish(payload)
 
-            if not await asyncio.shield(publish()):
                 rt.retry.put(publish)
+
+    def _mark_unsynced(self, encs: Sequence[bytes]) -> None:
+        for e in encs:
+            self._unsynced[e] = self._unsynced.get(e, 0) + 1
+
+    def _mark_synced(self, encs: Sequence[bytes]) -> None:
+        for e in encs:
+            n = self._unsynced.get(e, 0) - 1
+            if n > 0:
+                self._unsynced[e] = n
+            else:
+                self._unsynced.pop(e, None)
 
     def on_message(self, encs: list[bytes], inserted: bool) -> None:
         self.evict_local(encs, inserted)
@@ -317,16 +392,12 @@ class TableCache:
         if remote is None or bloom is None:
             return
         bits_key, meta_key = self._snapshot_keys
-        data = bloom.to_bytes()
-        meta = {"capacity": bloom.capacity, "error_rate": repr(bloom.error_rate), "count": bloom.count, "generation": bloom.generation}
-
-        async def save() -> None:
-            pipe = remote.client.pipeline(transaction=not remote.cluster)
-            pipe.set(bits_key, data)
-            pipe.hset(meta_key, mapping=meta)
-            await pipe.execute()
-
-        await remote._call(save)
+        # Merged into the bits already there (same geometry), never a plain SET: a key
+        # inserted by another process during the scan has its bits SETBIT there, and
+        # this filter may not have its message yet.
+        await remote.save_bloom(
+            bits_key, meta_key, bloom.to_bytes(), bloom.capacity, repr(bloom.error_rate), bloom.count, bloom.generation
+        )
 
     async def warm_bloom(self) -> None:
         """Fill the Bloom filter: from the Redis snapshot (``bloom_source = "redis"``) if
@@ -399,6 +470,7 @@ class CacheRuntime:
         self.rng = rng or random.Random()
         self.tables: dict[str, TableCache] = {}
         self.retry = RetryQueue()
+        self._background: set[asyncio.Task[Any]] = set()
         self.remote: RemoteCache | None = None
         self.bus: InvalidationBus | None = None
         self._client: Any = None
@@ -415,7 +487,9 @@ class CacheRuntime:
                 self._client = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
             breaker = Breaker("redis", failures=breaker_failures, reset=breaker_reset, clock=clock, on_close=self.redis_returned)
             self.remote = RemoteCache(self._client, breaker, cluster=cluster)
-            self.bus = InvalidationBus(self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap)
+            self.bus = InvalidationBus(
+                self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout, cluster=cluster
+            )
 
     @staticmethod
     def _bus_client(url: str, cluster: bool, timeout: float) -> Any:
@@ -446,6 +520,14 @@ class CacheRuntime:
             t.l1.flush()
             t.resync_bloom()
 
+    async def shielded(self, work: Awaitable[T]) -> T:
+        """Await ``work`` in its own task, which finishes even if the caller is cancelled
+        (the task is kept referenced until done, and awaited by :meth:`aclose`)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
     def redis_returned(self) -> None:
         """The breaker closed again: L1 may hold what Redis-borne invalidations would have evicted."""
         for t in self.tables.values():
@@ -460,6 +542,8 @@ class CacheRuntime:
         await asyncio.gather(*(t._rebuild() for t in self.tables.values()))
 
     async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
         await self.retry.drain(1.0)
         await self.retry.aclose()
         for t in self.tables.values():
