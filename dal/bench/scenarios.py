@@ -55,7 +55,12 @@ during a run; every Redis key of the namespace is deleted at the end):
 * ``stampede``: 1,000 concurrent ``repo.get`` of one cold key (not in L1,
   nor in L2, no version key, no lease: reset untimed before every burst),
   counting the database statements each burst runs (the layer's node
-  counters); against 1,000 concurrent ``asyncpg.pool.fetchrow`` of it.
+  counters); against ``asyncpg.pool.fetchrow:c1000``: 1,000 concurrent
+  ``pool.fetchrow`` of it (1,000 statements).
+
+Baseline names are unique per dal scenario, not overall (``get.l1_hit``
+re-measures ``asyncpg.pool.fetchrow``): a baseline entry is identified by its
+``baseline_of`` and ``name``.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -133,7 +138,9 @@ def _specs() -> dict[str, ScenarioSpec]:
             cache=True,
         ),
         ScenarioSpec("get.l2_hit", "pg", 1, ("redis.get",), {"redis.get": 1.15}, cache=True),
-        ScenarioSpec("stampede", "pg", STAMPEDE, ("asyncpg.pool.fetchrow",), {"db_queries": 1}, cache=True),
+        ScenarioSpec(
+            "stampede", "pg", STAMPEDE, (f"asyncpg.pool.fetchrow:c{STAMPEDE}",), {"db_queries": 1}, cache=True
+        ),
     ):
         out[spec.name] = spec
     return out
@@ -165,13 +172,12 @@ def select(only: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class SuiteOptions:
-    """Data, pool size, table name and Redis shared by every scenario."""
+    """Data, pool size and table name shared by every scenario."""
 
     rows: int = 10_000
     seed: int = 1234
     pool_size: int = 10
     table: str = LOGICAL_TABLE  # logical table; the physical ones are {table}_0 .. _3
-    redis_url: str = "redis://127.0.0.1:6379/0"  # L2 of the cache scenarios
 
     def __post_init__(self) -> None:
         if self.rows < TABLE_SHARDS * 10:
@@ -287,7 +293,7 @@ def _comparisons(
 ) -> dict[str, Comparison]:
     out: dict[str, Comparison] = {}
     for spec in SCENARIOS.values():
-        if spec.backend != backend:
+        if spec.backend != backend or spec.cache:
             continue
         ops = baselines(spec.concurrency)
         sfx = "" if spec.concurrency == 1 else f":c{spec.concurrency}"
@@ -308,12 +314,19 @@ def _comparisons(
 
 # -- PostgreSQL -------------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncIterator[dict[str, Comparison]]:
-    """PostgreSQL comparisons on loaded tables; everything is closed and dropped on exit."""
+async def pg_suite(
+    urls: Mapping[str, str], opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
+) -> AsyncIterator[dict[str, Scenario]]:
+    """PostgreSQL (and cache) scenarios on loaded tables; everything is closed and dropped on exit.
+
+    The cached layers and Redis (``urls["redis"]``) are set up only when a
+    cache scenario is in ``wanted``.
+    """
     import asyncpg
 
-    u = make_url(url)
-    info["dsn"] = u.render_as_string(hide_password=True)
+    u = make_url(urls["pg"])
+    info: dict[str, Any] = {"dsn": u.render_as_string(hide_password=True)}
+    servers["postgresql"] = info
     connect_kw: dict[str, Any] = {
         "host": u.host or "127.0.0.1",
         "port": u.port or 5432,
@@ -361,17 +374,286 @@ async def pg_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncI
         for name, op in baselines(1).items():
             await _check(name, op, keys[0], lambda r: r.id if isinstance(r, user) else r["id"])
         info["rows"] = opts.rows
-        yield _comparisons("pg", keys, repo.get, baselines)
+        scenarios: dict[str, Scenario] = dict(_comparisons("pg", keys, repo.get, baselines))
+        cached = [n for n in wanted if SCENARIOS[n].cache]
+        if cached:
+            by_id = {r[0]: dict(zip(COLUMNS, r, strict=True)) for r in by_table[opts.physical_table]}
+            scenarios.update(
+                await _cache_scenarios(
+                    stack, u, urls["redis"], opts, servers, cached, keys, by_id, functools.partial(pool.fetchrow, sql)
+                )
+            )
+        yield scenarios
+
+
+# -- cache scenarios (PostgreSQL + Redis) -----------------------------------------------
+def _cached_topology(
+    url: URL, redis_url: str, opts: SuiteOptions, namespace: str, policy: Mapping[str, Any]
+) -> dict[str, Any]:
+    topo = _topology(url, opts)
+    topo["tables"][opts.table]["cache"] = {
+        "namespace": namespace,
+        "l1_ttl": CACHE_TTL,
+        "l2_ttl": CACHE_TTL,
+        **policy,
+    }
+    # Own pub/sub channel: other processes' invalidations (or gaps) must not flush this L1.
+    topo["cache"] = {"redis": redis_url, "channel": f"{namespace}:invalidate"}
+    return topo
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheEnv:
+    stack: contextlib.AsyncExitStack
+    url: URL  # PostgreSQL, postgresql+asyncpg
+    redis_url: str
+    opts: SuiteOptions
+    namespace: str
+
+
+async def _cached_layer(env: _CacheEnv, **policy: Any) -> tuple[DataLayer, Any, Any]:
+    """A started layer over the loaded tables with ``cache`` on: (layer, repository, table cache)."""
+    opts, stack = env.opts, env.stack
+    topo = _cached_topology(env.url, env.redis_url, opts, env.namespace, policy)
+    layer = DataLayer(topo, bench_metadata(opts.table), env={})
+    stack.push_async_callback(layer.aclose)
+    await layer.start()
+    cache = layer.cache_of(opts.table)
+    if cache is None or cache.runtime.remote is None:
+        raise RuntimeError("the bench layer has no Redis-backed cache")
+    return layer, layer.repository(opts.table), cache
+
+
+async def _warm(repo: Any, keys: Sequence[int]) -> None:
+    """Fill L2 (and L1) with ``keys``: get_many in chunks (a few Redis connections at a time)."""
+    for i in range(0, len(keys), 50):
+        chunk = keys[i : i + 50]
+        got = await repo.get_many(chunk)
+        if len(got) != len(chunk):
+            raise RuntimeError(f"cache warm-up: {len(chunk) - len(got)} rows missing")
+
+
+async def _delete_namespace(client: Any, namespace: str) -> int:
+    """Delete every Redis key of ``namespace`` (SCAN + UNLINK, never a flush)."""
+    deleted = 0
+    for pattern in (f"{namespace}:*", "{" + namespace + ":*"):
+        batch: list[bytes] = []
+        async for k in client.scan_iter(match=pattern, count=1000):
+            batch.append(k)
+            if len(batch) >= 500:
+                deleted += await client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += await client.unlink(*batch)
+    return deleted
+
+
+def _cache_counters(cache: Any) -> Callable[[], dict[str, int]]:
+    remote = cache.runtime.remote
+
+    def counters() -> dict[str, int]:
+        return {
+            "l1_hits": cache.l1.hits,
+            "l1_misses": cache.l1.misses,
+            "db_loads": cache.db_loads,
+            "lease_waits": cache.lease_waits,
+            "singleflight_shared": cache.flight.shared,
+            "redis_errors": remote.errors,
+            "redis_breaker_trips": remote.breaker.trips,
+        }
+
+    return counters
+
+
+async def _cache_scenarios(
+    stack: contextlib.AsyncExitStack,
+    url: URL,
+    redis_url_text: str,
+    opts: SuiteOptions,
+    servers: dict[str, Any],
+    wanted: Sequence[str],
+    keys: Sequence[int],
+    rows: Mapping[int, dict[str, Any]],
+    pool_fetchrow: Op,
+) -> dict[str, Scenario]:
+    """The cache scenarios in ``wanted``; Redis keys of the bench's namespace are deleted on exit."""
+    from redis.asyncio import Redis
+
+    redis_url = make_url(redis_url_text.replace("rediss://", "redis://", 1))
+    # redis-py's defaults: the redis.get baseline, and the bench's own key clean-up.
+    plain = Redis.from_url(redis_url_text)
+    stack.push_async_callback(plain.aclose)
+    try:
+        await plain.ping()
+    except Exception as exc:
+        raise RuntimeError(
+            f"Redis at {redis_url.render_as_string(hide_password=True)} unreachable ({exc}); the cache "
+            f"scenarios ({', '.join(wanted)}) need it: set DAL_TEST_REDIS_URL or bench.redis_url, "
+            "or leave them out with --only"
+        ) from None
+    info = await plain.info("server")
+    servers["redis"] = {
+        "dsn": redis_url.render_as_string(hide_password=True),
+        "version": str(info.get("redis_version", "?")),
+    }
+    namespace = f"dalbench_{os.getpid()}_{secrets.token_hex(4)}"
+    servers["redis"]["namespace"] = namespace
+
+    async def clean_up() -> None:
+        servers["redis"]["keys_deleted"] = await _delete_namespace(plain, namespace)
+
+    stack.push_async_callback(clean_up)  # after the layers have closed (LIFO)
+    env = _CacheEnv(stack, url.set(drivername="postgresql+asyncpg"), redis_url_text, opts, namespace)
+
+    distinct = sorted(set(keys))
+    out: dict[str, Scenario] = {}
+    for name in wanted:
+        if name == "get.l1_hit":
+            out[name] = await _l1_hit(env, keys, distinct, rows, pool_fetchrow)
+        elif name == "get.l2_hit":
+            out[name] = await _l2_hit(env, plain, distinct)
+        elif name == "stampede":
+            out[name] = await _stampede(env, plain, keys[0], pool_fetchrow)
+    return out
+
+
+async def _l1_hit(
+    env: _CacheEnv,
+    keys: Sequence[int],
+    distinct: Sequence[int],
+    rows: Mapping[int, dict[str, Any]],
+    pool_fetchrow: Op,
+) -> Comparison:
+    from cachetools import TLRUCache
+
+    spec = SCENARIOS["get.l1_hit"]
+    _, repo, cache = await _cached_layer(env)
+    await _warm(repo, distinct)
+    misses = cache.l1.misses
+    for k in distinct:  # every key must now be an L1 hit
+        await repo.get(k)
+    if cache.l1.misses != misses:
+        raise RuntimeError(f"get.l1_hit: {cache.l1.misses - misses} L1 misses after warm-up")
+    # The same structure as dal's L1: maxsize, per-entry expiry read from (expiry, row) values.
+    tlru: TLRUCache[int, tuple[float, dict[str, Any]]] = TLRUCache(
+        cache.policy.l1_max_size, ttu=lambda _k, v, _now: v[0], timer=time.monotonic
+    )
+    expires = time.monotonic() + CACHE_TTL
+    for k in distinct:
+        tlru[k] = (expires, rows[k])
+    if tlru[keys[0]][1]["id"] != keys[0]:
+        raise RuntimeError("cachetools.tlru.getitem: wrong entry")
+    return Comparison(
+        name=spec.name,
+        concurrency=1,
+        dal=Contender(spec.name, repo.get),
+        baselines=(
+            Contender("cachetools.tlru.getitem", tlru.__getitem__, sync=True),
+            Contender("asyncpg.pool.fetchrow", pool_fetchrow),
+        ),
+        keys=keys,
+        targets=spec.targets,
+        description=(
+            f"await repo.get(key) answered by L1 ({len(distinct)} keys, all cached), random keys; "
+            "baseline: a bare TLRUCache.__getitem__ of the same size and entries, no await"
+        ),
+        loop_overhead=True,
+        counters=_cache_counters(cache),
+    )
+
+
+async def _l2_hit(env: _CacheEnv, plain: Any, distinct: Sequence[int]) -> Comparison:
+    spec = SCENARIOS["get.l2_hit"]
+    layer, repo, cache = await _cached_layer(env, l1_max_size=1)
+    await _warm(repo, distinct)
+    cycle = list(distinct)
+    random.Random(env.opts.seed).shuffle(cycle)  # distinct neighbours: L1 (1 entry) always misses
+    before = _cache_counters(cache)()
+    for k in cycle[:200]:
+        await repo.get(k)
+    after = _cache_counters(cache)()
+    if after["db_loads"] != before["db_loads"] or after["l1_hits"] != before["l1_hits"]:
+        raise RuntimeError(f"get.l2_hit: not every read came from L2: {before} -> {after}")
+    table = layer.tables[env.opts.table]
+    redis_keys = {k: cache.base(table.cache_key(k)[0]) for k in distinct}
+    get, loads = plain.get, cache.codec.loads
+
+    async def redis_get(key: Any) -> object:
+        return loads(await get(redis_keys[key]))
+
+    await _check("redis.get", redis_get, cycle[0], lambda r: r["id"])
+    return Comparison(
+        name=spec.name,
+        concurrency=1,
+        dal=Contender(spec.name, repo.get),
+        baselines=(Contender("redis.get", redis_get),),
+        keys=cycle,
+        targets=spec.targets,
+        description=(
+            f"await repo.get(key) answered by L2 (Redis): l1_max_size=1 and {len(cycle)} distinct keys "
+            "in a shuffled cycle, so L1 misses every time (no flush); baseline: await client.get(k) "
+            "of the same key + msgpack decode with dal's codec"
+        ),
+        counters=_cache_counters(cache),
+    )
+
+
+async def _stampede(env: _CacheEnv, plain: Any, key: int, pool_fetchrow: Op) -> Burst:
+    layer, repo, cache = await _cached_layer(env)
+    enc = layer.tables[env.opts.table].cache_key(key)[0]
+    base = cache.base(enc)
+    nodes = list(layer.cluster.nodes.values())
+
+    async def cold() -> None:
+        cache.l1.invalidate([enc])
+        cache.flight.forget(enc)
+        await plain.delete(base, base + ":ver", base + ":lease")
+
+    async def dal_get() -> object:
+        row = await repo.get(key)
+        if row is None or row["id"] != key:
+            raise RuntimeError(f"stampede: expected the row with id {key}, got {row!r}")
+        return row
+
+    fetched = 0
+
+    async def pool_get() -> object:
+        nonlocal fetched
+        fetched += 1
+        row: Any = await pool_fetchrow(key)
+        if row is None or row["id"] != key:
+            raise RuntimeError(f"stampede: expected the row with id {key}, got {row!r}")
+        return row
+
+    async def nothing() -> None:
+        return None
+
+    spec = SCENARIOS["stampede"]
+    return Burst(
+        name="stampede",
+        size=spec.concurrency,
+        dal=BurstContender("stampede", dal_get, cold, lambda: sum(n.queries for n in nodes)),
+        baselines=(BurstContender(spec.baselines[0], pool_get, nothing, lambda: fetched),),
+        targets=spec.targets,
+        description=(
+            f"{spec.concurrency} concurrent await repo.get(key) of one key, cold (L1, L2, version and "
+            "lease keys removed untimed before each burst); db_queries = statements per burst (node counters)"
+        ),
+        counters=_cache_counters(cache),
+    )
 
 
 # -- MySQL / MariaDB --------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def mysql_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> AsyncIterator[dict[str, Comparison]]:
+async def mysql_suite(
+    urls: Mapping[str, str], opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
+) -> AsyncIterator[dict[str, Scenario]]:
     """MySQL/MariaDB comparisons on loaded tables; everything is closed and dropped on exit."""
     import aiomysql
 
-    u = make_url(url)
-    info["dsn"] = u.render_as_string(hide_password=True)
+    u = make_url(urls["mysql"])
+    info: dict[str, Any] = {"dsn": u.render_as_string(hide_password=True)}
+    servers["mysql"] = info
     async with contextlib.AsyncExitStack() as stack:
         layer = await _start_layer(stack, u.set(drivername="mysql+aiomysql"), opts)
         # aiomysql's defaults (minsize 1, maxsize 10) but autocommit, as dal runs.
@@ -416,7 +698,13 @@ async def mysql_suite(url: str, opts: SuiteOptions, info: dict[str, Any]) -> Asy
         await _check("dal", repo.get, keys[0], lambda r: r["id"])
         await _check("aiomysql.pool.autocommit", pool_get, keys[0], lambda r: r[0])
         info["rows"] = opts.rows
-        yield _comparisons("mysql", keys, repo.get, baselines)
+        yield dict(_comparisons("mysql", keys, repo.get, baselines))
 
 
-SUITES = {"pg": pg_suite, "mysql": mysql_suite}
+Suite = Callable[
+    [Mapping[str, str], SuiteOptions, dict[str, Any], Sequence[str]],
+    contextlib.AbstractAsyncContextManager[dict[str, Scenario]],
+]
+SUITES: dict[Backend, Suite] = {"pg": pg_suite, "mysql": mysql_suite}
+"""Per backend: (server URLs by "pg"/"mysql"/"redis", options, the report's servers
+dict to fill, wanted scenario names) -> the scenarios by name."""

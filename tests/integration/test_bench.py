@@ -1,4 +1,4 @@
-"""`dal bench` end to end on the PostgreSQL test server: schema of the JSON report.
+"""`dal bench` end to end on the PostgreSQL (and Redis) test servers: schema of the JSON report.
 
 Short timing (no timing asserts): the point is that the harness creates its
 tables, measures dal and every baseline, reports ratios, and cleans up.
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dal.bench import BenchError, SuiteOptions, Timing, run_bench
+from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +62,69 @@ async def test_bench_pg_get_nocache_json(tmp_path: Path) -> None:
     assert "pg.get.nocache:c32" in text and "asyncpg.conn.fetchrow" in text
 
 
+async def test_bench_cache_scenarios_json(tmp_path: Path) -> None:
+    from redis.asyncio import Redis
+
+    path = tmp_path / "bench.json"
+    out = io.StringIO()
+    report = await run_bench(
+        only=["get", "stampede"],
+        json_path=str(path),
+        out=out,
+        redis_url=REDIS_URL,
+        timing=Timing(rounds=2, round_seconds=0.05, warmup_ops=50),
+        options=SuiteOptions(rows=2000, table="dal_bench_pytest_cache"),
+    )
+    assert json.loads(path.read_text()) == report
+    dal = [e for e in report["scenarios"] if e["kind"] == "dal"]
+    assert [e["name"] for e in dal] == ["get.l1_hit", "get.l2_hit", "stampede"]
+    by_name = {e["name"]: e for e in dal}
+    baselines = {(e["baseline_of"], e["name"]): e for e in report["scenarios"] if e["kind"] == "baseline"}
+    assert set(baselines) == {
+        ("get.l1_hit", "cachetools.tlru.getitem"),
+        ("get.l1_hit", "asyncpg.pool.fetchrow"),
+        ("get.l2_hit", "redis.get"),
+        ("stampede", "asyncpg.pool.fetchrow:c1000"),
+    }
+    for e in report["scenarios"]:
+        for field in ("ops_per_s", "p50_us", "p99_us"):
+            assert _positive(e[field]), (e["name"], field, e[field])
+
+    l1 = by_name["get.l1_hit"]
+    assert l1["targets"] == {"cachetools.tlru.getitem": 5.0, "asyncpg.pool.fetchrow": 0.02}
+    assert set(l1["vs"]) == set(l1["vs_net"]) == set(l1["met"]) == set(l1["targets"])
+    assert all(_positive(r) for r in [*l1["vs"].values(), *l1["vs_net"].values()])
+    assert all(isinstance(m, bool) for m in l1["met"].values())
+    assert _positive(l1["loop_overhead_ns"]) and l1["targets_judged_on"] == "vs_net"
+    assert l1["counters"]["l1_misses"] == 0 and l1["counters"]["db_loads"] == 0  # all L1 hits
+    assert l1["counters"]["l1_hits"] > 0
+
+    l2 = by_name["get.l2_hit"]
+    assert l2["targets"] == {"redis.get": 1.15} and set(l2["vs"]) == {"redis.get"}
+    assert _positive(l2["vs"]["redis.get"]) and isinstance(l2["met"]["redis.get"], bool)
+    assert l2["counters"]["l1_hits"] == 0 and l2["counters"]["db_loads"] == 0  # all from L2
+    assert l2["counters"]["l1_misses"] > 0
+
+    st = by_name["stampede"]
+    assert st["burst"] == st["concurrency"] == 1000
+    assert st["targets"] == {"db_queries": 1} and isinstance(st["met"]["db_queries"], bool)
+    assert isinstance(st["db_queries"], int) and st["db_queries"] >= 1
+    assert len(st["db_queries_per_burst"]) == 2 and max(st["db_queries_per_burst"]) == st["db_queries"]
+    assert _positive(st["vs"]["asyncpg.pool.fetchrow:c1000"])
+    assert baselines[("stampede", "asyncpg.pool.fetchrow:c1000")]["db_queries"] == 1000
+
+    redis_info = report["machine"]["servers"]["redis"]
+    assert redis_info["version"] and redis_info["keys_deleted"] > 0
+    client = Redis.from_url(REDIS_URL)
+    try:  # every key of the bench's namespace is gone
+        left = [k async for k in client.scan_iter(match=redis_info["namespace"] + ":*", count=1000)]
+    finally:
+        await client.aclose()
+    assert left == []
+    text = out.getvalue()
+    assert "db queries per burst of 1000" in text and "net of loop" in text
+
+
 async def test_bench_rejects_unknown_scenario() -> None:
     with pytest.raises(BenchError, match="no scenario matches"):
         await run_bench(only=["pg.nope"], out=io.StringIO())
@@ -72,7 +136,9 @@ def test_only_matches_names_and_prefixes() -> None:
     assert select(["pg.get.nocache"]) == ["pg.get.nocache", "pg.get.nocache:c32"]
     assert select(["pg.get.nocache:c32"]) == ["pg.get.nocache:c32"]
     assert select(["mysql"]) == ["mysql.get.nocache", "mysql.get.nocache:c32"]
-    assert len(select([])) == 4
+    assert select(["get"]) == ["get.l1_hit", "get.l2_hit"]
+    assert select(["stampede", "get.l1_hit"]) == ["get.l1_hit", "stampede"]
+    assert len(select([])) == 7
     with pytest.raises(ValueError):
         select(["pg.get.noc"])  # prefixes end at a '.' or ':' boundary
 
@@ -114,3 +180,7 @@ def test_config_may_be_a_dal_toml(tmp_path: Path) -> None:
     assert s.pg_url == "postgresql://u:pw@pg.example:5433/app"
     assert s.mysql_url == "mysql://root@my.example/app"
     assert s.options.rows == 100
+    assert s.redis_url == "redis://127.0.0.1:6379/0"  # no [cache] redis: the default
+    cfg.write_text(cfg.read_text().replace("[bench]", '[cache]\nredis = "redis://cache.example:6380/2"\n[bench]'))
+    s = resolve_settings(quick=True, config=str(cfg), pg_url=None, mysql_url=None, env={})
+    assert s.redis_url == "redis://cache.example:6380/2"
