@@ -6,6 +6,7 @@ and get repositories whose reads go to replicas and writes to primaries, with
 rows placed by CRC32 of a shard key. See the README for a tour.
 """
 
+from dal.batch import BatchFailure, BatchResult, BatchWriter
 from dal.config import (
     DSN,
     Config,
@@ -16,6 +17,8 @@ from dal.config import (
     load_config,
 )
 from dal.errors import (
+    BatchError,
+    CommitUnknownError,
     ConfigError,
     ConnectionUnavailableError,
     CrossShardTransactionError,
@@ -47,6 +50,11 @@ from dal.routing.sharding import checksum, encode_key
 
 __all__ = [
     "DSN",
+    "BatchError",
+    "BatchFailure",
+    "BatchResult",
+    "BatchWriter",
+    "CommitUnknownError",
     "Config",
     "ConfigError",
     "ConnectionUnavailableError",

@@ -48,24 +48,26 @@ import sqlalchemy as sa
 from dal.backends.base import Connection
 from dal.cache.keys import encode_cache_key
 from dal.errors import (
+    BatchError,
+    CommitUnknownError,
     ConnectionUnavailableError,
     CrossShardTransactionError,
     DalError,
     DuplicateKeyError,
+    InputError,
+    ShardKeyError,
     ValidationError,
 )
 from dal.routing.router import Target
+from dal.schema import as_mapping
 from dal.sql import Compiled, compile_statement
 
 if TYPE_CHECKING:
     from dal.cluster import Node
     from dal.repository import Repository
+    from dal.schema import LogicalTable
 
 Op = Literal["insert", "upsert", "update", "delete"]
-
-
-class CommitUnknownError(ConnectionUnavailableError):
-    """The connection was lost during COMMIT and the outcome could not be checked."""
 
 
 @dataclass
@@ -103,25 +105,21 @@ class BatchResult:
         return [k for f in self.failures for k in (f.failed_keys or f.keys)]
 
 
-class BatchError(DalError):
-    """Some batches failed; ``result`` says which rows committed and which did not."""
-
-    def __init__(self, result: BatchResult) -> None:
-        self.result = result
-        first = result.failures[0]
-        super().__init__(
-            f"{len(result.failures)} of {result.batches} batches failed "
-            f"({result.committed} of {result.rows} rows committed); first: {first.table} on "
-            f"{first.database}: {type(first.error).__name__}: {first.error}"
-        )
-
-
 @dataclass
 class _Batch:
     target: Target
     rows: list[tuple[Any, ...]]  # values in `columns` order
     keys: list[Any]  # primary keys (scalars or tuples), parallel to rows
     columns: tuple[str, ...]
+    # upsert: the non-key columns the caller gave, the only ones an existing row gets
+    # (the others in `columns` are Python-side defaults, for a new row only)
+    overwrite: tuple[str, ...] | None = None
+    # input rows each row stands for (repeated keys of an upsert/update are folded into one)
+    weights: list[int] | None = None
+
+    @property
+    def inputs(self) -> int:
+        return len(self.rows) if self.weights is None else sum(self.weights)
 
 
 class BatchPlanner:
@@ -139,43 +137,81 @@ class BatchPlanner:
         if type(batch_size) is not int or batch_size < 1:
             raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if op in ("insert", "upsert") and isinstance(items, list) and len(items) > 1:
-            fast = self._plan_columns(items, batch_size)
+            fast = self._plan_columns(items, batch_size, op)
             if fast is not None:
                 return fast
         t = self.table
-        groups: dict[tuple[int, tuple[str, ...]], _Batch] = {}
-        order: list[tuple[int, tuple[str, ...]]] = []
-        targets = self.repo._primary_targets
+        pk = t.primary_key
+        # One entry per row to send: [slot, key, values by column, columns given, input rows].
+        # Upserts and updates of a key that repeats are folded into its first entry, later
+        # values winning column by column: what applying them one after another leaves.
+        # (Run as separate rows they could land in different batches, which run
+        # concurrently, or in one PostgreSQL statement, which may apply either.)
+        entries: list[list[Any]] = []
+        by_key: dict[Any, list[Any]] = {}
+        merge = op in ("upsert", "update")
         for i, item in enumerate(items):
-            if op == "delete":
-                slot, kv = t.locate_key(item)
-                values: tuple[Any, ...] = kv
-                columns = t.primary_key
-                key = item
+            try:
+                slot, key, data, given = self._plan_row(op, item, i)
+            except InputError as exc:
+                located = _at_row(exc, i, t)
+                if located is exc:
+                    raise
+                raise located from exc
+            if merge:
+                e = by_key.get(key)
+                if e is not None:
+                    e[2].update({c: data[c] for c in given})
+                    e[3].update(given)
+                    e[4] += 1
+                    continue
+                e = by_key[key] = [slot, key, data, set(given), 1]
             else:
-                data = t.row_values(item, index=i) if op != "update" else self._update_row(item, i)
-                columns = tuple(data)
-                if not all(c in data for c in t.primary_key):
-                    raise ValidationError(f"{t.name}: row {i} lacks primary key columns {list(t.primary_key)}")
-                kv = tuple(data[c] for c in t.primary_key)
-                slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
-                values = tuple(data[c] for c in columns)
-                key = kv[0] if len(kv) == 1 else kv
-            gk = (slot, columns)
+                e = [slot, key, data, given, 1]
+            entries.append(e)
+        groups: dict[tuple[Any, ...], _Batch] = {}
+        targets = self.repo._primary_targets
+        for slot, key, data, given, n in entries:
+            columns = pk if op == "delete" else tuple(c for c in t.columns if c in data)
+            overwrite = tuple(c for c in columns if c in given and c not in pk) if op == "upsert" else None
+            gk = (slot, columns, overwrite)
             b = groups.get(gk)
             if b is None:
-                b = groups[gk] = _Batch(targets[slot], [], [], columns)
-                order.append(gk)
-            b.rows.append(values)
+                b = groups[gk] = _Batch(targets[slot], [], [], columns, overwrite, [])
+            b.rows.append(tuple(data[c] for c in columns))
             b.keys.append(key)
+            b.weights.append(n)  # type: ignore[union-attr]
         out: list[_Batch] = []
-        for gk in order:
-            b = groups[gk]
+        for b in groups.values():
+            w = b.weights or []
             for s in range(0, len(b.rows), batch_size):
-                out.append(_Batch(b.target, b.rows[s : s + batch_size], b.keys[s : s + batch_size], b.columns))
+                out.append(
+                    _Batch(b.target, b.rows[s : s + batch_size], b.keys[s : s + batch_size], b.columns,
+                           b.overwrite, w[s : s + batch_size])
+                )
         return out
 
-    def _plan_columns(self, rows: list[Any], batch_size: int) -> list[_Batch] | None:
+    def _plan_row(self, op: Op, item: Any, index: int) -> tuple[int, Any, dict[str, Any], Iterable[str]]:
+        """Validate one row: its slot, key, values by column, and the columns the caller gave."""
+        t = self.table
+        pk = t.primary_key
+        if op == "delete":
+            slot, kv = t.locate_key(item)
+            return slot, item, dict(zip(pk, kv, strict=True)), pk
+        data: dict[str, Any]
+        if op == "update":
+            data = self._update_row(item, index)
+            given: Iterable[str] = data.keys()
+        else:
+            data = t.row_values(item, index=index)
+            given = as_mapping(item, t.name).keys() if op == "upsert" else data.keys()
+        if not all(c in data for c in pk):
+            raise ValidationError(f"{t.name}: row {index} lacks primary key columns {list(pk)}")
+        kv = tuple(data[c] for c in pk)
+        slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
+        return slot, (kv[0] if len(kv) == 1 else kv), data, given
+
+    def _plan_columns(self, rows: list[Any], batch_size: int, op: Op) -> list[_Batch] | None:
         """The same plan as row by row, a column at a time: for lists of dicts with one
         set of keys whose values all pass the fast column checks. ``None`` sends the
         caller down the row-by-row path, which also names the bad row and field.
@@ -214,11 +250,22 @@ class BatchPlanner:
         else:
             return None
         n = t.sharder.slots
-        slots = [c % n for c in map(zlib.crc32, encoded)]
-        columns = tuple(cols)
+        try:
+            slots = [c % n for c in map(zlib.crc32, encoded)]
+        except UnicodeEncodeError:
+            return None  # a lone surrogate: the row-by-row path names the row
+        # In declared order, the order of the compiled INSERT's parameters (the rows
+        # are positional: in the caller's key order, values would land in other columns).
+        columns = tuple(c for c in t.columns if c in cols)
         records = list(zip(*(cols[c] for c in columns)))  # noqa: B905 - columns of one length
         pk = [cols[c] for c in t.primary_key]
         keys_list: list[Any] = pk[0] if len(pk) == 1 else list(zip(*pk, strict=True))
+        overwrite = None
+        if op == "upsert":
+            if len(set(keys_list)) != len(keys_list):
+                return None  # repeated keys: folded row by row
+            # the columns given; the defaults filled in above are for new rows only
+            overwrite = tuple(c for c in names if c not in t.primary_key)
         by_slot: dict[int, tuple[list[tuple[Any, ...]], list[Any]]] = {}
         for slot, rec, key in zip(slots, records, keys_list):  # noqa: B905 - same length by construction
             group = by_slot.get(slot)
@@ -231,7 +278,7 @@ class BatchPlanner:
         for slot in sorted(by_slot):
             recs, ks = by_slot[slot]
             for s in range(0, len(recs), batch_size):
-                out.append(_Batch(targets[slot], recs[s : s + batch_size], ks[s : s + batch_size], columns))
+                out.append(_Batch(targets[slot], recs[s : s + batch_size], ks[s : s + batch_size], columns, overwrite))
         return out
 
     def _update_row(self, item: Any, index: int) -> dict[str, Any]:
@@ -253,6 +300,11 @@ class BatchPlanner:
             raise ValidationError(f"{t.name}: row {index} lacks primary key columns {list(t.primary_key)}")
         if len(out) == len(t.primary_key):
             raise ValidationError(f"{t.name}: row {index} has no column to update")
+        from dal.schema import _default_value
+
+        for name, default in t._onupdate:  # Column(onupdate=...), as Repository.update applies them
+            if name not in out:
+                out[name] = _default_value(default)
         # key columns first, then the columns to set, in a stable order
         return {**{c: out[c] for c in t.primary_key}, **{c: v for c, v in out.items() if c not in t.primary_key}}
 
@@ -281,16 +333,8 @@ class BatchPlanner:
     async def _run_atomic(self, op: Op, batches: list[_Batch], result: BatchResult) -> None:
         node = self.cluster.node(batches[0].target)
         conn = await node.pool.acquire()
-        done = 0
         try:
-            await conn.begin()
-            try:
-                for b in batches:
-                    done += await self._apply(op, conn, node, b)
-            except BaseException:
-                await _rollback(conn)
-                raise
-            await self._commit(conn, node, op, batches)
+            done = await self._transaction(op, conn, node, batches)
         except DalError as exc:
             keys = [k for b in batches for k in b.keys]
             result.failures.append(
@@ -302,7 +346,7 @@ class BatchPlanner:
             node.pool.release(conn)
         for b in batches:
             result.committed_batches += 1
-            result.written[b.target.database] = result.written.get(b.target.database, 0) + len(b.rows)
+            result.written[b.target.database] = result.written.get(b.target.database, 0) + b.inputs
         result.affected += done
         await self._invalidate(op, [k for b in batches for k in b.keys])
 
@@ -315,7 +359,7 @@ class BatchPlanner:
             )
             return
         result.committed_batches += 1
-        result.written[b.target.database] = result.written.get(b.target.database, 0) + len(b.rows)
+        result.written[b.target.database] = result.written.get(b.target.database, 0) + b.inputs
         result.affected += affected
 
     async def execute(self, op: Op, b: _Batch) -> int:
@@ -325,31 +369,52 @@ class BatchPlanner:
         node.in_flight += 1
         node.queries += 1
         try:
-            await conn.begin()
-            try:
-                affected = await self._apply(op, conn, node, b)
-            except BaseException:
-                await _rollback(conn)
-                raise
-            await self._commit(conn, node, op, [b])
-        except BaseException as exc:
-            if not isinstance(exc, DalError):
-                conn.broken = True
-            raise
+            affected = await self._transaction(op, conn, node, [b])
         finally:
             node.in_flight -= 1
             node.pool.release(conn)
         await self._invalidate(op, b.keys)
         return affected
 
+    async def _transaction(self, op: Op, conn: Connection, node: Node, batches: list[_Batch]) -> int:
+        """BEGIN, the batches, COMMIT on ``conn``; the rows matched. Raises a DalError
+        (rolled back, or never committed); ``conn`` is flagged broken when suspect."""
+        try:
+            try:
+                await conn.begin()
+                done = 0
+                try:
+                    for b in batches:
+                        done += await self._apply(op, conn, node, b)
+                except BaseException:
+                    await _rollback(conn)
+                    raise
+            except Exception as exc:
+                if isinstance(exc, DalError):
+                    raise
+                # A driver error the adapter did not map (asyncpg's InternalClientError
+                # when the server's FATAL arrived on an idle connection): a lost connection.
+                raise _suspect(conn, node, exc) from exc
+            await self._commit(conn, node, op, batches)
+        except BaseException as exc:
+            if not isinstance(exc, DalError):
+                conn.broken = True
+            raise
+        return done
+
     async def _commit(self, conn: Connection, node: Node, op: Op, batches: list[_Batch]) -> None:
         try:
             await conn.commit()
-        except ConnectionUnavailableError as exc:
+        except Exception as exc:
+            if isinstance(exc, DalError) and not isinstance(exc, ConnectionUnavailableError):
+                raise  # the server answered: rolled back
             conn.broken = True
+            lost = exc if isinstance(exc, DalError) else _suspect(conn, node, exc)
             # COMMIT was sent; it may or may not have taken effect. Find out.
-            if not await self._committed_after_all(node, op, batches, exc):
-                raise
+            if not await self._committed_after_all(node, op, batches, lost):
+                if lost is exc:
+                    raise
+                raise lost from exc
             return
 
     async def _committed_after_all(self, node: Node, op: Op, batches: list[_Batch], exc: DalError) -> bool:
@@ -362,7 +427,7 @@ class BatchPlanner:
         while True:
             try:
                 found = await self.repo.get(probe, primary=True)
-            except ConnectionUnavailableError:
+            except Exception:  # not back yet (refused, in recovery, stale pooled connection)
                 if time.monotonic() > deadline:
                     raise CommitUnknownError(
                         f"connection lost during COMMIT on {node.name} and the primary did not come back "
@@ -381,7 +446,7 @@ class BatchPlanner:
         repeated = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
         try:
             existing = await self.repo.get_many(list(dict.fromkeys(keys)), primary=True)
-        except DalError:
+        except Exception:
             return repeated
         return list(dict.fromkeys([*existing, *repeated]))
 
@@ -435,12 +500,14 @@ class BatchPlanner:
         if op == "insert":
             c = st.insert(b.target.slot, b.columns)
             await copy(phys.name, b.columns, self._processed(c, b))
-            return len(b.rows)
+            return b.inputs
         stage = f"dal_stage_{phys.name}"
         # The target's columns without its constraints (a key-only row must fit),
-        # emptied at every commit; created once per connection.
+        # emptied at every commit; created once per connection. Emptied here too:
+        # an atomic call stages several batches of one table in one transaction.
         await conn.execute(
-            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" ON COMMIT DELETE ROWS AS SELECT * FROM "{phys.name}" WITH NO DATA',
+            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" ON COMMIT DELETE ROWS AS SELECT * FROM "{phys.name}" WITH NO DATA;'
+            f' DELETE FROM "{stage}"',
             (),
         )
         rows = b.rows
@@ -456,12 +523,12 @@ class BatchPlanner:
 
             def build() -> sa.ClauseElement:
                 ins = postgresql.insert(phys).from_select(list(b.columns), sa.select(*(s.c[col] for col in b.columns)))
-                sets = [col for col in b.columns if col not in pk]
+                sets = [col for col in (b.columns if b.overwrite is None else b.overwrite) if col not in pk]
                 if sets:
                     return ins.on_conflict_do_update(index_elements=[phys.c[k] for k in pk], set_={col: ins.excluded[col] for col in sets})
                 return ins.on_conflict_do_nothing(index_elements=[phys.c[k] for k in pk])
 
-            c = self._compiled(("pg-upsert", b.target.slot, b.columns), build, dialect)
+            c = self._compiled(("pg-upsert", b.target.slot, b.columns, b.overwrite), build, dialect)
         elif op == "update":
             sets = [col for col in b.columns if col not in pk]
             c = self._compiled(
@@ -475,7 +542,8 @@ class BatchPlanner:
                 lambda: sa.delete(phys).where(*(phys.c[k] == s.c[k] for k in pk)),
                 dialect,
             )
-        return await conn.execute(c.sql, ())
+        affected = await conn.execute(c.sql, ())
+        return b.inputs if op == "upsert" else affected
 
     async def _apply_generic(self, op: Op, conn: Connection, b: _Batch, *, mysql: bool) -> int:
         st = self._stmts(b)
@@ -483,11 +551,11 @@ class BatchPlanner:
         if op == "insert":
             c = st.insert(slot, b.columns)
             await conn.execute_many(c.sql, self._processed(c, b))
-            return len(b.rows)
+            return b.inputs
         if op == "upsert":
-            c = st.upsert(slot, b.columns, b.columns)
+            c = st.upsert(slot, b.columns, b.columns if b.overwrite is None else b.overwrite)
             await conn.execute_many(c.sql, self._processed(c, b))
-            return len(b.rows)  # MySQL counts an updated row twice: report rows written
+            return b.inputs  # MySQL counts an updated row twice: report rows written
         pk = self.table.primary_key
         if op == "delete":
             phys = self.table.physical[slot]
@@ -514,6 +582,21 @@ class BatchPlanner:
         return await conn.execute_many(c.sql, params)
 
 
+def _suspect(conn: Connection, node: Node, exc: BaseException) -> ConnectionUnavailableError:
+    conn.broken = True
+    return ConnectionUnavailableError(f"{node.name}: connection lost or in an unknown state: {type(exc).__name__}: {exc}")
+
+
+def _at_row(exc: InputError, index: int, table: LogicalTable) -> InputError:
+    """``exc`` naming the row index (and, for a shard key, the column) when it does not yet."""
+    msg = str(exc)
+    if f"(row {index})" in msg or f"row {index} " in msg:
+        return exc
+    if isinstance(exc, ShardKeyError) and not msg.startswith(f"{table.name}."):
+        msg = f"{table.name}.{table.shard_key}: {msg}"
+    return type(exc)(f"{msg} (row {index})")
+
+
 async def _rollback(conn: Connection) -> None:
     try:
         await asyncio.shield(conn.rollback())
@@ -529,6 +612,7 @@ class _Pending:
     op: Op
     item: Any
     future: asyncio.Future[None]
+    shape: tuple[Any, ...]  # (columns, overwrite): rows of one shape make one statement
 
 
 class BatchWriter:
@@ -538,13 +622,15 @@ class BatchWriter:
     row is committed, or raises that row's own error. A physical table's queue
     is flushed when it holds ``max_rows`` rows or its oldest row has waited
     ``max_delay`` seconds. A batch that fails is split in halves until the
-    failing rows are isolated, so one bad row fails only its own caller. At most
+    failing rows are isolated, so one bad row fails only its own caller (a
+    lost connection fails the whole batch: no row caused it). At most
     ``max_pending`` rows wait at once; further callers wait for room
     (backpressure). ``aclose()`` flushes everything accepted; after it, new
     writes raise.
 
     Operations on one physical table are applied in the order they were
-    accepted (a batch holds consecutive operations of one kind).
+    accepted: a batch holds consecutive operations of one kind (and one set of
+    columns), and a table's batches run one after another.
     """
 
     def __init__(
@@ -565,6 +651,7 @@ class BatchWriter:
         self._queues: dict[int, list[_Pending]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._flushing: set[asyncio.Task[None]] = set()
+        self._tails: dict[int, asyncio.Task[None]] = {}  # the last batch of each physical table
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -590,13 +677,14 @@ class BatchWriter:
         # Validate now: a bad row fails its caller before it is queued.
         batch = self._planner.plan(op, [item], 1)[0]
         slot = batch.target.slot
+        shape = (batch.columns, batch.overwrite)
         await self._room.acquire()
         if self._closed:
             self._room.release()
             raise DalError("the BatchWriter is closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(slot, [])
-        queue.append(_Pending(op, item, fut))
+        queue.append(_Pending(op, item, fut, shape))
         if len(queue) >= self.max_rows:
             self._flush(slot)
         elif slot not in self._timers:
@@ -610,35 +698,50 @@ class BatchWriter:
         queue = self._queues.get(slot)
         if not queue:
             return
-        # A batch: the longest run of one kind of operation, at most max_rows.
-        op = queue[0].op
+        # A batch: the longest run of one kind of operation on one set of columns
+        # (one statement), at most max_rows.
+        op, shape = queue[0].op, queue[0].shape
         n = 0
-        while n < len(queue) and n < self.max_rows and queue[n].op == op:
+        while n < len(queue) and n < self.max_rows and queue[n].op == op and queue[n].shape == shape:
             n += 1
         items, self._queues[slot] = queue[:n], queue[n:]
-        task = asyncio.ensure_future(self._write(op, items))
+        # After the table's previous batch: a later operation on a key must not overtake it.
+        task = asyncio.ensure_future(self._write_after(self._tails.get(slot), op, items))
+        self._tails[slot] = task
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(lambda t: self._tails.pop(slot) if self._tails.get(slot) is t else None)
         if self._queues[slot]:
-            if len(self._queues[slot]) >= self.max_rows or self._queues[slot][0].op != op:
+            if len(self._queues[slot]) >= self.max_rows or self._queues[slot][0].op != op or self._queues[slot][0].shape != shape:
                 self._flush(slot)
             else:
                 self._timers[slot] = asyncio.get_running_loop().call_later(self.max_delay, self._flush, slot)
 
+    async def _write_after(self, previous: asyncio.Task[None] | None, op: Op, items: list[_Pending]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._write(op, items)
+
     async def _write(self, op: Op, items: list[_Pending]) -> None:
         try:
-            batch = self._planner.plan(op, [p.item for p in items], len(items))[0]
+            # One shape, one physical table: one batch (repeated upsert keys folded).
+            (batch,) = self._planner.plan(op, [p.item for p in items], len(items))
             self.batches += 1
             await self._planner.execute(op, batch)
         except DalError as exc:
-            if len(items) == 1 or isinstance(exc, CommitUnknownError):
+            # A lost connection (or an unknown COMMIT outcome) is no row's fault: splitting
+            # would not isolate anything, only multiply the attempts on a server that is
+            # gone (starving the lookups of in-doubt COMMITs of connections).
+            if len(items) == 1 or isinstance(exc, ConnectionUnavailableError):
                 for p in items:
                     _settle(p.future, exc)
                     self._room.release()
                 return
-            # Rolled back as a whole: split to isolate the rows that fail.
+            # Rolled back as a whole: split to isolate the rows that fail, in order
+            # (of two inserts of one key, the first accepted wins).
             half = len(items) // 2
-            await asyncio.gather(self._write(op, items[:half]), self._write(op, items[half:]))
+            await self._write(op, items[:half])
+            await self._write(op, items[half:])
             return
         except BaseException as exc:
             for p in items:

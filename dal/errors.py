@@ -15,7 +15,8 @@ its boundary to the most specific class below and chains the original with
     │   └── ValidationError          a value that does not fit its column
     ├── RoutingError                 no node can serve the request
     ├── ConnectionUnavailableError   cannot connect, connection lost, node marked down
-    │   └── PoolTimeoutError         no pooled connection within acquire_timeout
+    │   ├── PoolTimeoutError         no pooled connection within acquire_timeout
+    │   └── CommitUnknownError       lost during COMMIT; the outcome could not be checked
     ├── QueryTimeoutError            the statement ran past its timeout
     ├── QueryError                   the server rejected the statement
     │   ├── IntegrityError
@@ -27,6 +28,7 @@ its boundary to the most specific class below and chains the original with
     │   └── ReadOnlyError            a write reached a read-only node (replica, standby)
     ├── TransactionError             misuse of a transaction (closed, rolled back)
     │   └── CrossShardTransactionError
+    ├── BatchError                   some batches of a batched write failed (``.result`` says which)
     └── ScanLimitExceededError       a fan-out query would read more rows than allowed
 
 ``InputError`` subclasses are raised before any I/O: nothing was sent, nothing
@@ -35,6 +37,8 @@ contain a password from a DSN.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class DalError(Exception):
@@ -82,6 +86,10 @@ class PoolTimeoutError(ConnectionUnavailableError):
     """No pooled connection became free within ``acquire_timeout``."""
 
 
+class CommitUnknownError(ConnectionUnavailableError):
+    """The connection was lost while COMMIT was in flight and the outcome could not be checked."""
+
+
 class QueryTimeoutError(DalError):
     """The statement did not finish within its timeout."""
 
@@ -124,6 +132,19 @@ class TransactionError(DalError):
 
 class CrossShardTransactionError(TransactionError):
     """An operation inside a single-shard transaction routed to another shard database."""
+
+
+class BatchError(DalError):
+    """Some batches failed; ``result`` says which rows committed and which did not."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result  # a dal.batch.BatchResult
+        first = result.failures[0]
+        super().__init__(
+            f"{len(result.failures)} of {result.batches} batches failed "
+            f"({result.committed} of {result.rows} rows committed); first: {first.table} on "
+            f"{first.database}: {type(first.error).__name__}: {first.error}"
+        )
 
 
 class ScanLimitExceededError(DalError):

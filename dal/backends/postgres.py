@@ -32,6 +32,10 @@ from dal.errors import (
 
 from .base import Row
 
+# InternalClientError: asyncpg's state machine after the server's FATAL arrived on an
+# idle connection ("cannot switch to state ..."): the connection is gone.
+_ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientError, OSError)
+
 
 def map_error(exc: BaseException, node: str) -> DalError:
     """The dal error for an asyncpg/OS exception raised while talking to ``node``."""
@@ -60,6 +64,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
         | pgx.CrashShutdownError
         | pgx.ConnectionDoesNotExistError
         | asyncpg.InterfaceError
+        | pgx._base.InternalClientError
         | OSError
         | EOFError,
     ):
@@ -90,19 +95,19 @@ class PostgresConnection:
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
             return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
-        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
             return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
-        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             return _rowcount(await self._conn.execute(sql, *params))
-        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
@@ -110,14 +115,14 @@ class PostgresConnection:
         try:
             await self._conn.executemany(sql, params)
             return -1
-        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
         """COPY ``records`` into ``table`` (binary protocol; asyncpg quotes the identifiers)."""
         try:
             await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
-        except (pgx.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def begin(self) -> None:
@@ -162,7 +167,7 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
             ssl=ssl,
             server_settings={str(k): str(v) for k, v in query.items()} or None,
         )
-    except (pgx.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except (*_ERRORS, TimeoutError) as exc:
         err = map_error(exc, spec.name)
         if not isinstance(err, ConnectionUnavailableError):
             err = ConnectionUnavailableError(f"{spec.name}: cannot connect: {exc}")

@@ -1,0 +1,213 @@
+"""BatchWriter (write-behind) on every backend: many concurrent single-row
+callers coalesced into batches.
+
+Each caller's ``await`` must return only once its row is committed (checked by
+reading the row from the primary right after the await), or raise that row's
+own error; what is committed is checked with raw SQL on the physical tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dal import DalError, DataLayer, DuplicateKeyError, ValidationError
+from dal import batch as batch_mod
+from dal.batch import BatchWriter
+from tests.batch_support import SHARDS, Raw, batch_urls, expected_batches, make_layer
+
+
+@pytest.fixture
+def urls(backend: str, tmp_path: Path) -> list[str]:
+    return batch_urls(backend, tmp_path)
+
+
+@pytest.fixture
+async def raw(urls: list[str]) -> AsyncIterator[Raw]:
+    r = Raw(urls)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def lay(urls: list[str]) -> AsyncIterator[DataLayer]:
+    async with make_layer(urls) as layer:
+        await layer.drop_all()
+        await layer.create_all()
+        yield layer
+        await layer.drop_all()
+
+
+def user(i: int, **over: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": i, "name": f"n{i}", "age": i % 100}
+    if i % 3 == 0:  # rows of different column sets share physical tables
+        row["email"] = f"u{i}@x"
+    row.update(over)
+    return row
+
+
+async def test_concurrent_callers_return_after_commit(lay: DataLayer, raw: Raw) -> None:
+    users = lay.repository("users")
+    ids = list(range(1, 1001))
+    w = users.writer(max_rows=100, max_delay=0.005)
+    seen_after_await: dict[int, Any] = {}
+
+    async def call(i: int) -> None:
+        await w.insert(user(i))
+        # Committed before the await returned: visible on the primary right now.
+        seen_after_await[i] = await users.get(i, primary=True)
+
+    await asyncio.gather(*(call(i) for i in ids))
+    await w.aclose()
+    missing = [i for i in ids if seen_after_await[i] is None]
+    assert missing == [], f"{len(missing)} callers returned before their row was visible: {missing[:10]}"
+    assert all(seen_after_await[i]["name"] == f"n{i}" for i in ids)
+    got = await raw.users()
+    assert set(got) == set(ids)
+    assert all(got[i]["email"] == (f"u{i}@x" if i % 3 == 0 else None) for i in ids)
+    assert w.rows == 1000
+    assert SHARDS <= w.batches < 1000  # coalesced
+
+
+async def test_one_duplicate_fails_only_its_caller(lay: DataLayer, raw: Raw) -> None:
+    users = lay.repository("users")
+    dup = 613
+    await users.insert(user(dup, name="pre-existing"))
+    ids = list(range(1, 1001))
+    w = users.writer(max_rows=250, max_delay=0.01)
+    outcomes = await asyncio.gather(*(w.insert(user(i)) for i in ids), return_exceptions=True)
+    await w.aclose()
+    failed = {i: o for i, o in zip(ids, outcomes, strict=True) if o is not None}
+    assert list(failed) == [dup], failed
+    assert isinstance(failed[dup], DuplicateKeyError)
+    got = await raw.users()
+    assert set(got) == set(ids)
+    assert got[dup]["name"] == "pre-existing"
+    assert w.rows == 999
+    # The batch holding the duplicate was split (in halves, ~2 log2(n) more batches).
+    assert w.batches >= expected_batches(ids, 250) + 2 * 6
+
+    # Two callers with the same new key: the first accepted wins, the second fails alone.
+    w = users.writer(max_rows=250, max_delay=0.01)
+    rows = [user(i) for i in range(2001, 2301)]
+    rows.insert(150, user(2100, name="second"))
+    outcomes = await asyncio.gather(*(w.insert(r) for r in rows), return_exceptions=True)
+    await w.aclose()
+    failed_at = [n for n, o in enumerate(outcomes) if o is not None]
+    assert failed_at == [150], [outcomes[n] for n in failed_at]
+    assert isinstance(outcomes[150], DuplicateKeyError)
+    assert (await raw.users())[2100]["name"] == "n2100"
+
+
+class Pending:
+    """Rows a writer holds (accepted, not yet committed or failed), and the peak.
+
+    Counts the writer's per-row records (``dal.batch._Pending``) from creation to
+    the settling of their future, whatever queue or batch they sit in."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0
+        self.peak = 0
+        counter = self
+
+        class Counted(batch_mod._Pending):  # type: ignore[name-defined, misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                counter.now += 1
+                counter.peak = max(counter.peak, counter.now)
+                self.future.add_done_callback(counter._settled)
+
+        monkeypatch.setattr(batch_mod, "_Pending", Counted)
+
+    def _settled(self, _: Any) -> None:
+        self.now -= 1
+
+
+async def test_backpressure_bounds_pending_rows(lay: DataLayer, raw: Raw, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = lay.repository("users")
+    pending = Pending(monkeypatch)
+    w = users.writer(max_rows=4, max_delay=0.001, max_pending=10)
+    gate = asyncio.Event()
+    original = w._planner.execute
+
+    async def gated(op: Any, b: Any) -> int:
+        await gate.wait()
+        return await original(op, b)
+
+    w._planner.execute = gated  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(w.insert(user(i))) for i in range(1, 101)]
+    await asyncio.sleep(0.2)
+    # Nothing can commit: exactly 10 rows accepted, the other 90 callers blocked.
+    assert pending.now == 10
+    assert not any(t.done() for t in tasks)
+    gate.set()
+    await asyncio.gather(*tasks)
+    await w.aclose()
+    assert pending.peak == 10 and pending.now == 0
+    assert len(await raw.users()) == 100
+
+    # Ungated: a stream of 400 callers never has more than 10 rows waiting.
+    pending.peak = 0
+    w2 = users.writer(max_rows=3, max_delay=0.001, max_pending=10)
+    await asyncio.gather(*(w2.insert(user(i)) for i in range(1001, 1401)))
+    await w2.aclose()
+    assert pending.peak == 10 and pending.now == 0
+    assert len(await raw.users()) == 500
+
+
+async def test_operations_on_one_key_apply_in_order(lay: DataLayer, raw: Raw) -> None:
+    users = lay.repository("users")
+    async with users.writer(max_rows=50, max_delay=0.005) as w:
+        # Submitted together, in this order, without awaiting in between.
+        ops: list[Any] = []
+        for i in range(1, 61):
+            ops += [w.insert(user(i)), w.delete(i)]
+        for i in range(101, 141):
+            ops += [w.insert(user(i)), w.upsert({"id": i, "name": "v2"}), w.delete(i), w.insert(user(i, name="final"))]
+        for i in range(201, 221):
+            ops += [w.upsert({"id": i, "name": "a", "age": 1}), w.upsert({"id": i, "name": "b"})]
+        await asyncio.gather(*ops)
+    got = await raw.users()
+    assert not any(i in got for i in range(1, 61)), sorted(i for i in got if i < 61)
+    assert {i: got[i]["name"] for i in range(101, 141)} == dict.fromkeys(range(101, 141), "final")
+    assert {i: (got[i]["name"], got[i]["age"]) for i in range(201, 221)} == dict.fromkeys(range(201, 221), ("b", 1))
+    assert len(got) == 60
+
+
+async def test_closed_writer_and_bad_rows(lay: DataLayer, raw: Raw) -> None:
+    users = lay.repository("users")
+    w = users.writer()
+    with pytest.raises(ValidationError, match="name"):
+        await w.insert({"id": 1, "name": "x" * 65})  # rejected before it is queued
+    await w.insert(user(2))
+    await w.aclose()
+    for call in (w.insert(user(3)), w.upsert(user(4)), w.delete(2)):
+        with pytest.raises(DalError, match="closed"):
+            await call
+    assert set(await raw.users()) == {2}
+
+
+async def test_max_delay_flushes_a_lone_row(lay: DataLayer, raw: Raw) -> None:
+    users = lay.repository("users")
+    await users.insert(user(1))
+    t0 = time.monotonic()
+    assert await users.get(1, primary=True) is not None
+    rtt = time.monotonic() - t0
+    max_delay = 0.1
+    w: BatchWriter = users.writer(max_rows=1000, max_delay=max_delay)
+    try:
+        t0 = time.monotonic()
+        await w.insert(user(2))
+        took = time.monotonic() - t0
+        assert await users.get(2, primary=True) is not None
+        assert w.batches == 1
+        # The flush was the timer's (max_rows was far away): about max_delay plus a commit.
+        assert max_delay * 0.9 <= took <= max_delay + 0.15 + 5 * rtt, (took, rtt)
+    finally:
+        await w.aclose()
+    assert set(await raw.users()) == {1, 2}
