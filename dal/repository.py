@@ -197,6 +197,12 @@ class Repository(Generic[RowT]):
         """The row with primary key ``key``, or ``None``."""
         cache = self._cache
         if cache is not None and self._tx is None and not primary and not self._layer._read_primary.get():
+            # L1 holds only keys that passed validation, so a key of the column's
+            # exact type may probe it before being validated (the L1-hit fast path).
+            if type(key) is int and self._table._pk_kind is int:
+                hit = cache.cached(str(key).encode())
+                if hit is not MISS:
+                    return None if hit is None else cast(RowT, hit if self._row_type is None else self._row_type(**hit))
             enc, kv = self._table.cache_key(key)
             hit = cache.cached(enc)
             if hit is MISS:

@@ -220,6 +220,8 @@ class LogicalTable:
         self._single_pk = len(pk) == 1
         self._nullable = {c.name: bool(c.nullable) for c in table.columns}
         self._fast_kinds = {c.name: k for c in table.columns if (k := _fast_kind(c)) is not None}
+        kind = self._fast_kinds.get(pk[0]) if self._single_pk else None
+        self._pk_kind: type | None = kind[0] if kind is not None else None
         # Values that callers could mutate in place (JSON, arrays): cached rows are deep-copied.
         self.mutable_values = any(_python_type(c) in (dict, list, object) for c in table.columns)
         self._pk_checker = self._checkers[pk[0]]

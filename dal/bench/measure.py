@@ -37,6 +37,13 @@ once (``asyncio.gather``) on one key made cold by an untimed ``prepare``
 before each burst; it counts the database statements each burst caused.
 Latencies in a burst run from the burst's start to each operation's end.
 
+A :class:`Bulk` measures whole data loads (``insert_many`` of 100,000 rows
+against one COPY of them): each contender's ``load`` writes ``rows`` rows
+after an untimed ``prepare`` (tables truncated); one warm-up load each, then
+alternating rounds of one load per contender. Its operations are rows: the
+ratio is dal's time per row / the baseline's, and a baseline may write only a
+sample (row-by-row INSERTs of 2,000 rows) and still be compared per row.
+
 Results: ``ops_per_s`` is the median of the rounds' throughputs; ``p50`` and
 ``p99`` come from the latencies of all rounds together; the ratio of dal to a
 baseline is the median over rounds of (dal's wall time per operation / the
@@ -86,12 +93,13 @@ class Contender:
     """One implementation of the measured operation (dal or a baseline).
 
     ``op`` is a coroutine function of the key, or with ``sync=True`` a plain
-    function (run at concurrency 1 only).
+    function (run at concurrency 1 only). ``info`` goes into its JSON entry.
     """
 
     name: str
     op: Op | SyncOp
     sync: bool = False
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,3 +404,76 @@ async def run_bursts(burst: Burst, timing: Timing, progress: Progress | None = N
         BurstResult(Result(cont.name, burst.size, tuple(runs[cont.name])), tuple(queries[cont.name]))
         for cont in contenders
     ]
+
+
+# -- bulk loads ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BulkContender:
+    """One way to write a data set: ``prepare`` (untimed: empty the tables), then ``load``.
+
+    ``load`` writes ``rows`` rows and returns the latencies (ns) of the calls
+    it made (one for a single ``insert_many`` or COPY, one per row for row-by-row
+    INSERTs). ``info`` goes into the contender's JSON entry (batch size, ...).
+    """
+
+    name: str
+    load: Callable[[], Awaitable[Sequence[int]]]
+    prepare: Callable[[], Awaitable[None]]
+    rows: int
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Bulk:
+    """A bulk write, dal against its baselines, compared per row written.
+
+    ``check`` (optional, untimed) runs after each contender's warm-up load
+    and raises unless the load wrote what it should have.
+    """
+
+    name: str
+    dal: BulkContender
+    baselines: tuple[BulkContender, ...]
+    targets: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+    counters: Callable[[], Mapping[str, int]] | None = None
+    check: Callable[[str], Awaitable[None]] | None = None
+    concurrency: int = 1
+
+    @property
+    def contenders(self) -> tuple[BulkContender, ...]:
+        return (self.dal, *self.baselines)
+
+
+async def load_once(cont: BulkContender) -> Run:
+    """Prepare (untimed), then one timed load: a :class:`Run` whose operations are rows."""
+    await cont.prepare()
+    gc.collect()
+    perf = time.perf_counter_ns
+    cpu0 = time.process_time_ns()
+    start = perf()
+    lat = list(await cont.load())
+    wall = perf() - start
+    return Run(cont.rows, wall, time.process_time_ns() - cpu0, lat)
+
+
+async def run_bulk(bulk: Bulk, timing: Timing, progress: Progress | None = None) -> list[Result]:
+    """One warm-up load per contender (then ``check``), then ``timing.rounds`` alternating loads each."""
+    contenders = bulk.contenders
+    for cont in contenders:
+        if progress:
+            progress(f"warming up {cont.name} (1 load of {cont.rows:,} rows)")
+        await load_once(cont)
+        if bulk.check is not None:
+            await bulk.check(cont.name)
+    runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
+    for rnd in range(timing.rounds):
+        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+        for cont in order:
+            runs[cont.name].append(await load_once(cont))
+        if progress:
+            shown = ", ".join(
+                f"{name} {rs[-1].wall_ns / rs[-1].ops / 1000:.2f} µs/row" for name, rs in runs.items()
+            )
+            progress(f"round {rnd + 1}/{timing.rounds}: {shown}")
+    return [Result(cont.name, bulk.concurrency, tuple(runs[cont.name])) for cont in contenders]

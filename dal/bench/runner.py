@@ -80,6 +80,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 
 from dal.bench.measure import (
+    Bulk,
     Burst,
     BurstResult,
     Comparison,
@@ -88,6 +89,7 @@ from dal.bench.measure import (
     compare,
     paired_net_ratio,
     paired_ratio,
+    run_bulk,
     run_bursts,
 )
 from dal.bench.scenarios import SCENARIOS, SUITES, TABLE_SHARDS, Scenario, SuiteOptions, select
@@ -124,7 +126,13 @@ _CONFIG_KEYS = {
     "round_seconds": float,
     "warmup_ops": int,
     "redis_url": str,
+    "bulk_rows": int,
+    "bulk_sample": int,
+    "bulk_databases": str,
 }
+
+QUICK_BULK_ROWS = 20_000  # rows per load of the batch scenarios with --quick (else 100,000)
+QUICK_BULK_SAMPLE = 1_000  # rows of the row-by-row baseline with --quick (else 2,000)
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -192,6 +200,9 @@ def resolve_settings(
             seed=cfg.get("seed", defaults.seed),
             pool_size=cfg.get("pool_size", defaults.pool_size),
             table=cfg.get("table", defaults.table),
+            bulk_rows=cfg.get("bulk_rows", QUICK_BULK_ROWS if quick else defaults.bulk_rows),
+            bulk_sample=cfg.get("bulk_sample", QUICK_BULK_SAMPLE if quick else defaults.bulk_sample),
+            bulk_databases=cfg.get("bulk_databases", defaults.bulk_databases),
         )
     except ValueError as exc:
         raise BenchError(f"config {config}: {exc}") from None
@@ -223,7 +234,7 @@ def _entry(result: Result, rounds: int) -> dict[str, Any]:
 
 
 def scenario_entries(
-    comparison: Comparison | Burst,
+    comparison: Comparison | Burst | Bulk,
     results: Sequence[Result],
     rounds: int,
     counters: Mapping[str, int] | None = None,
@@ -234,13 +245,17 @@ def scenario_entries(
     With a comparison's ``loop_overhead`` the do-nothing contender comes last
     in ``results``: it gives ``vs_net`` and is not an entry itself. For a
     burst, ``queries`` holds each contender's database statements per burst.
-    ``counters``: dal's counter changes over the scenario.
+    ``counters``: dal's counter changes over the scenario. A contender's
+    ``info`` (batch size, rows per call, ...) goes into its entry; entries whose
+    operations are rows (``"unit": "row"``) also get ``us_per_row``.
     """
     overhead: Result | None = None
     if isinstance(comparison, Comparison) and comparison.loop_overhead:
         *results, overhead = results
     dal, *bases = results
+    infos = {c.name: dict(getattr(c, "info", {})) for c in comparison.contenders}
     head = _entry(dal, rounds)
+    _add_info(head, dal, infos.get(dal.name, {}))
     head["kind"] = "dal"
     head["description"] = comparison.description
     head["vs"] = {}
@@ -274,6 +289,7 @@ def scenario_entries(
     out = [head]
     for b in bases:
         e = _entry(b, rounds)
+        _add_info(e, b, infos.get(b.name, {}))
         e["kind"] = "baseline"
         e["baseline_of"] = dal.name
         e["vs"] = {}
@@ -282,6 +298,12 @@ def scenario_entries(
             e["db_queries"] = max(queries[b.name])
         out.append(e)
     return out
+
+
+def _add_info(entry: dict[str, Any], result: Result, info: Mapping[str, Any]) -> None:
+    entry.update(info)
+    if info.get("unit") == "row":
+        entry["us_per_row"] = _num(statistics.median(r.ns_per_op for r in result.runs) / 1000.0, 3)
 
 
 def _versions() -> dict[str, str]:
@@ -340,12 +362,24 @@ def _notes(settings: Settings, names: Sequence[str]) -> list[str]:
         "statements (node counters); latencies run from the burst's start",
     ]
     cached = any(SCENARIOS[n].cache for n in names)
-    return [
-        "ratio = dal's wall time per operation / the baseline's, median over paired rounds; < 1 means dal is faster",
-        f"each contender: {t.warmup_ops} warm-up ops, then {t.rounds} rounds x {t.round_seconds:g} s, "
-        "rounds alternating A B C / C B A",
-        "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency; "
-        "cpu µs = this process's CPU time (user + system) per op, the client side only",
+    batch_notes = [
+        f"batch scenarios: ops are rows; each load writes {o.bulk_rows:,} rows"
+        f"{' (--quick: fewer rows than the 100,000 of a full run)' if o.bulk_rows < 100_000 else ''} "
+        f"into empty tables (TRUNCATE untimed before each load) of 2 shard databases of their own "
+        f"({o.bulk_databases}_0, {o.bulk_databases}_1; dropped at the end) x 8 physical tables; one warm-up "
+        f"load per contender, then {t.rounds} rounds of one load each, alternating; ratio = dal's time per "
+        "row / the baseline's; p50/p99 = latency of one call (rows_per_call rows)",
+        "pg.insert_many / pg.upsert_many / mysql.insert_many: batch_size = the largest physical table's share "
+        "(one batch per physical table); pg.insert_many:b1000 uses insert_many's default batch_size=1000",
+        f"asyncpg.copy: one copy_records_to_table of the same rows (tuples) into one table; "
+        f"asyncpg.row_autocommit: await conn.execute(INSERT) per row on one connection (autocommit), the "
+        f"first {o.bulk_sample:,} rows; aiomysql.executemany: executemany of 1,000-row chunks (rewritten "
+        "into one multi-row INSERT each) on one autocommit connection",
+        f"batchwriter.insert:c1000: 1,000 tasks, each awaiting one single-row write after another for "
+        f"{t.round_seconds:g} s per round, writer defaults; repo.insert:c1000 the same with repo.insert, "
+        f"pool max_size={o.pool_size} per shard database; ops_per_s = rows/s",
+    ]
+    read_notes = [
         f"{o.rows} rows in {o.table} over {TABLE_SHARDS} physical tables; keys: seeded random ids "
         f"(seed {o.seed}) of the rows in {o.physical_table}, which the baselines query directly",
         f"pools: dal max_size={o.pool_size}; asyncpg.create_pool() defaults (min 10, max 10); "
@@ -356,13 +390,39 @@ def _notes(settings: Settings, names: Sequence[str]) -> list[str]:
         "asyncpg.conn.fetchrow at c32: 32 tasks share one connection through an asyncio.Lock",
         "sqlalchemy.orm.get: a new AsyncSession per op (async with sessions() as s: await s.get(User, key)); "
         "it runs BEGIN, the SELECT and ROLLBACK",
-        "targets apply to the single-task scenarios and stampede; the bench never fails on them",
+    ]
+    batched = any(SCENARIOS[n].batch for n in names)
+    reads = any(not SCENARIOS[n].batch for n in names)
+    return [
+        "ratio = dal's wall time per operation / the baseline's, median over paired rounds; < 1 means dal is faster",
+        f"each contender: {t.warmup_ops} warm-up ops, then {t.rounds} rounds x {t.round_seconds:g} s, "
+        "rounds alternating A B C / C B A",
+        "ops_per_s = median over rounds of ops / wall time; p50/p99 over every op's latency; "
+        "cpu µs = this process's CPU time (user + system) per op, the client side only",
+        *(read_notes if reads else []),
+        "targets apply to the single-task scenarios, stampede and the batch scenarios; the bench never fails on them",
         *(cache_notes if cached else []),
+        *(batch_notes if batched else []),
     ]
 
 
-def print_table(report: Mapping[str, Any], out: TextIO) -> None:
-    """The readable form of ``report``: dal rows, each followed by its baselines and ratios."""
+def _ratio_text(e: Mapping[str, Any], name: str) -> str:
+    ratio = e["vs"][name]
+    lo, hi = e["vs_range"][name]
+    shown = f"{ratio:.3f}x [{lo:.2f}-{hi:.2f}]"
+    if "vs_net" in e:
+        nlo, nhi = e["vs_net_range"][name]
+        shown += f", net of loop {e['vs_net'][name]:.3f}x [{nlo:.2f}-{nhi:.2f}]"
+    key = name if name in e["targets"] else name.partition(":")[0]
+    target = e["targets"].get(key)
+    if target is not None:
+        met = e["met"].get(key, ratio <= target)
+        basis = " (net)" if "vs_net" in e else ""
+        shown += f"  target{basis} <= {target:g}: {'met' if met else 'MISSED'}"
+    return shown
+
+
+def _per_op_rows(entries: Sequence[Mapping[str, Any]], out: TextIO) -> None:
     w = 30
     print(
         f"\n{'scenario':<{w}} {'conc':>4} {'ops/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'cpu µs':>7}"
@@ -370,9 +430,8 @@ def print_table(report: Mapping[str, Any], out: TextIO) -> None:
         file=out,
     )
     print("-" * (w + 4 + 9 + 8 + 8 + 7 + 52), file=out)
-    entries = report["scenarios"]
     for e in entries:
-        if e["kind"] != "dal":
+        if e["kind"] != "dal" or e.get("unit") == "row":
             continue
         extra = ""
         if "db_queries" in e:
@@ -388,22 +447,11 @@ def print_table(report: Mapping[str, Any], out: TextIO) -> None:
         for b in entries:
             if b.get("baseline_of") != e["name"]:
                 continue
-            name = b["name"]
-            ratio = e["vs"][name]
-            lo, hi = e["vs_range"][name]
-            shown = f"{ratio:.3f}x [{lo:.2f}-{hi:.2f}]"
-            if "vs_net" in e:
-                nlo, nhi = e["vs_net_range"][name]
-                shown += f", net of loop {e['vs_net'][name]:.3f}x [{nlo:.2f}-{nhi:.2f}]"
-            target = e["targets"].get(name.partition(":")[0])
-            if target is not None:
-                met = e["met"].get(name.partition(":")[0], ratio <= target)
-                basis = " (net)" if "vs_net" in e else ""
-                shown += f"  target{basis} <= {target:g}: {'met' if met else 'MISSED'}"
+            shown = _ratio_text(e, b["name"])
             if "db_queries" in b:
                 shown += f"  db queries: {b['db_queries']}"
             print(
-                f"  {name:<{w - 2}} {b['concurrency']:>4} {b['ops_per_s']:>9,.0f} {b['p50_us']:>8.1f} "
+                f"  {b['name']:<{w - 2}} {b['concurrency']:>4} {b['ops_per_s']:>9,.0f} {b['p50_us']:>8.1f} "
                 f"{b['p99_us']:>8.1f} {b['cpu_us_per_op']:>7.1f}  {shown}",
                 file=out,
             )
@@ -412,6 +460,51 @@ def print_table(report: Mapping[str, Any], out: TextIO) -> None:
         if e.get("counters"):
             shown = ", ".join(f"{k} {v:,}" for k, v in e["counters"].items())
             print(f"  counters: {shown}", file=out)
+
+
+def _per_row_rows(entries: Sequence[Mapping[str, Any]], out: TextIO) -> None:
+    w = 30
+    print(
+        f"\n{'batch scenario':<{w}} {'conc':>4} {'rows/call':>9} {'rows/s':>9} {'µs/row':>7} "
+        f"{'call p50 ms':>11} {'p99 ms':>8} {'cpu µs/row':>10}  dal/baseline time per row [min-max over rounds]",
+        file=out,
+    )
+    print("-" * (w + 4 + 9 + 9 + 7 + 11 + 8 + 10 + 56), file=out)
+
+    def line(e: Mapping[str, Any], indent: str, tail: str) -> str:
+        return (
+            f"{indent}{e['name']:<{w - len(indent)}} {e['concurrency']:>4} {e.get('rows_per_call', 1):>9,} "
+            f"{e['ops_per_s']:>9,.0f} {e['us_per_row']:>7.2f} {e['p50_us'] / 1000:>11.3f} "
+            f"{e['p99_us'] / 1000:>8.3f} {e['cpu_us_per_op']:>10.2f}{tail}"
+        )
+
+    for e in entries:
+        if e["kind"] != "dal" or e.get("unit") != "row":
+            continue
+        extra = ""
+        if "batch_size" in e:
+            extra = f"  batch_size {e['batch_size']:,}, {e.get('batches_per_call', '?')} batches per call"
+        if "writer" in e:
+            extra = "  writer " + ", ".join(f"{k}={v}" for k, v in e["writer"].items())
+        print(line(e, "", extra), file=out)
+        for b in entries:
+            if b.get("baseline_of") == e["name"]:
+                print(line(b, "  ", "  " + _ratio_text(e, b["name"])), file=out)
+        if e.get("counters"):
+            shown = ", ".join(f"{k} {v:,}" for k, v in e["counters"].items())
+            print(f"  counters: {shown}", file=out)
+
+
+def print_table(report: Mapping[str, Any], out: TextIO) -> None:
+    """The readable form of ``report``: dal rows, each followed by its baselines and ratios.
+
+    Scenarios whose operations are rows (the batch writes) get a table of their own.
+    """
+    entries = report["scenarios"]
+    if any(e["kind"] == "dal" and e.get("unit") != "row" for e in entries):
+        _per_op_rows(entries, out)
+    if any(e["kind"] == "dal" and e.get("unit") == "row" for e in entries):
+        _per_row_rows(entries, out)
     for note in report.get("notes", []):
         print(f"note: {note}", file=out)
 
@@ -434,7 +527,15 @@ async def _run_suite(
         for name in names:
             scenario = scenarios[name]
             before = scenario.counters() if scenario.counters is not None else None
-            if isinstance(scenario, Burst):
+            queries: dict[str, Sequence[int]] | None = None
+            if isinstance(scenario, Bulk):
+                print(
+                    f"{name}: {len(scenario.contenders)} contenders, one load each per round",
+                    file=out,
+                    flush=True,
+                )
+                results = await run_bulk(scenario, timing, progress)
+            elif isinstance(scenario, Burst):
                 print(
                     f"{name}: {len(scenario.contenders)} contenders, bursts of {scenario.size} concurrent gets",
                     file=out,
@@ -442,7 +543,7 @@ async def _run_suite(
                 )
                 bursts: list[BurstResult] = await run_bursts(scenario, timing, progress)
                 results = [b.result for b in bursts]
-                queries: dict[str, Sequence[int]] | None = {b.result.name: b.queries for b in bursts}
+                queries = {b.result.name: b.queries for b in bursts}
             else:
                 print(
                     f"{name}: {len(scenario.contenders)} contenders at concurrency {scenario.concurrency}",
@@ -450,7 +551,6 @@ async def _run_suite(
                     flush=True,
                 )
                 results = await compare(scenario, timing, progress)
-                queries = None
             counters = None
             if scenario.counters is not None and before is not None:
                 after = scenario.counters()
@@ -511,6 +611,7 @@ async def run_bench(
         with warnings.catch_warnings():
             # MariaDB warns "Unknown table" for DROP TABLE IF EXISTS of a missing table.
             warnings.filterwarnings("ignore", message=".*Unknown table")
+            warnings.filterwarnings("ignore", message=".*Can't drop database")  # DROP DATABASE IF EXISTS
             await _run_suite(suite(urls, settings.options, servers, wanted), wanted, t, entries, out)
     report: dict[str, Any] = {
         "scenarios": entries,
@@ -522,6 +623,8 @@ async def run_bench(
             "rows": settings.options.rows,
             "table": settings.options.table,
             "pool_size": settings.options.pool_size,
+            "bulk_rows": settings.options.bulk_rows,
+            "bulk_sample": settings.options.bulk_sample,
             "started_utc": started,
             "wall_s": 0.0,
         },

@@ -58,6 +58,10 @@ during a run; every Redis key of the namespace is deleted at the end):
   counters); against ``asyncpg.pool.fetchrow:c1000``: 1,000 concurrent
   ``pool.fetchrow`` of it (1,000 statements).
 
+The batch-write scenarios (``pg.insert_many``, ``pg.insert_many:b1000``,
+``pg.upsert_many``, ``batchwriter.insert:c1000``, ``mysql.insert_many``) use
+shard databases and a table of their own: see :mod:`dal.bench.bulk`.
+
 Baseline names are unique per dal scenario, not overall (``get.l1_hit``
 re-measures ``asyncpg.pool.fetchrow``): a baseline entry is identified by its
 ``baseline_of`` and ``name``.
@@ -82,7 +86,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dal.bench.measure import Burst, BurstContender, Comparison, Contender, Op
+from dal.bench.measure import Bulk, Burst, BurstContender, Comparison, Contender, Op
 from dal.layer import DataLayer
 
 LOGICAL_TABLE = "dal_bench_users"
@@ -91,10 +95,11 @@ COLUMNS = ("id", "name", "email", "age", "active")
 CONCURRENCY = 32
 KEY_COUNT = 100_000  # length of the pre-generated key sequence (cycled)
 STAMPEDE = 1_000  # concurrent cold gets per stampede burst
+WRITERS = 1_000  # concurrent single-row writers of batchwriter.insert:c1000
 CACHE_TTL = 3600.0  # l1_ttl and l2_ttl of the cached layers: nothing expires during a run
 
 Backend = Literal["pg", "mysql"]
-Scenario = Comparison | Burst
+Scenario = Comparison | Burst | Bulk
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,8 @@ class ScenarioSpec:
 
     Targets are the largest acceptable ratio per baseline, or for a burst the
     largest acceptable counter (``db_queries``). ``cache``: it needs Redis and
-    a cached layer.
+    a cached layer. ``batch``: a batch-write scenario (:mod:`dal.bench.bulk`),
+    on databases of its own.
     """
 
     name: str
@@ -112,6 +118,7 @@ class ScenarioSpec:
     baselines: tuple[str, ...]
     targets: Mapping[str, float]
     cache: bool = False
+    batch: bool = False
 
 
 def _specs() -> dict[str, ScenarioSpec]:
@@ -140,6 +147,29 @@ def _specs() -> dict[str, ScenarioSpec]:
         ScenarioSpec("get.l2_hit", "pg", 1, ("redis.get",), {"redis.get": 1.15}, cache=True),
         ScenarioSpec(
             "stampede", "pg", STAMPEDE, (f"asyncpg.pool.fetchrow:c{STAMPEDE}",), {"db_queries": 1}, cache=True
+        ),
+        *(
+            ScenarioSpec(
+                name,
+                "pg",
+                1,
+                ("asyncpg.copy", "asyncpg.row_autocommit"),
+                {"asyncpg.copy": 1.25, "asyncpg.row_autocommit": 0.01},
+                batch=True,
+            )
+            for name in ("pg.insert_many", "pg.insert_many:b1000")
+        ),
+        ScenarioSpec("pg.upsert_many", "pg", 1, ("asyncpg.copy",), {"asyncpg.copy": 2.5}, batch=True),
+        ScenarioSpec(
+            f"batchwriter.insert:c{WRITERS}",
+            "pg",
+            WRITERS,
+            (f"repo.insert:c{WRITERS}",),
+            {f"repo.insert:c{WRITERS}": 0.1},
+            batch=True,
+        ),
+        ScenarioSpec(
+            "mysql.insert_many", "mysql", 1, ("aiomysql.executemany",), {"aiomysql.executemany": 1.0}, batch=True
         ),
     ):
         out[spec.name] = spec
@@ -172,12 +202,21 @@ def select(only: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class SuiteOptions:
-    """Data, pool size and table name shared by every scenario."""
+    """Data, pool size and table name shared by every scenario.
+
+    ``bulk_rows``: rows per load of the batch-write scenarios (100,000;
+    ``--quick`` uses 20,000); ``bulk_sample``: rows of the row-by-row
+    baseline; ``bulk_databases``: the prefix of the two databases they create
+    (``{prefix}_0``, ``{prefix}_1``) and drop.
+    """
 
     rows: int = 10_000
     seed: int = 1234
     pool_size: int = 10
     table: str = LOGICAL_TABLE  # logical table; the physical ones are {table}_0 .. _3
+    bulk_rows: int = 100_000
+    bulk_sample: int = 2_000
+    bulk_databases: str = "dal_bench"
 
     def __post_init__(self) -> None:
         if self.rows < TABLE_SHARDS * 10:
@@ -186,6 +225,12 @@ class SuiteOptions:
             raise ValueError("pool_size must be >= 1")
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", self.table):
             raise ValueError("table must be a lowercase identifier of at most 41 characters")
+        if self.bulk_rows < 100:
+            raise ValueError("bulk_rows must be >= 100")
+        if not 1 <= self.bulk_sample <= self.bulk_rows:
+            raise ValueError("bulk_sample must be between 1 and bulk_rows")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", self.bulk_databases):
+            raise ValueError("bulk_databases must be a lowercase identifier of at most 41 characters")
 
     @property
     def physical_table(self) -> str:
@@ -293,7 +338,7 @@ def _comparisons(
 ) -> dict[str, Comparison]:
     out: dict[str, Comparison] = {}
     for spec in SCENARIOS.values():
-        if spec.backend != backend or spec.cache:
+        if spec.backend != backend or spec.cache or spec.batch:
             continue
         ops = baselines(spec.concurrency)
         sfx = "" if spec.concurrency == 1 else f":c{spec.concurrency}"
@@ -317,16 +362,37 @@ def _comparisons(
 async def pg_suite(
     urls: Mapping[str, str], opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
 ) -> AsyncIterator[dict[str, Scenario]]:
-    """PostgreSQL (and cache) scenarios on loaded tables; everything is closed and dropped on exit.
+    """PostgreSQL (cache, batch) scenarios on loaded tables; everything is closed and dropped on exit.
 
     The cached layers and Redis (``urls["redis"]``) are set up only when a
-    cache scenario is in ``wanted``.
+    cache scenario is in ``wanted``, the batch databases only for a batch scenario.
     """
+    u = make_url(urls["pg"])
+    servers["postgresql"] = {"dsn": u.render_as_string(hide_password=True)}
+    async with contextlib.AsyncExitStack() as stack:
+        scenarios: dict[str, Scenario] = {}
+        if any(not SCENARIOS[n].batch for n in wanted):
+            scenarios.update(await _pg_get_scenarios(stack, urls, opts, servers, wanted))
+        batch = [n for n in wanted if SCENARIOS[n].batch]
+        if batch:
+            from dal.bench.bulk import pg_bulk_scenarios
+
+            scenarios.update(await pg_bulk_scenarios(stack, u, opts, servers, batch))
+        yield scenarios
+
+
+async def _pg_get_scenarios(
+    stack: contextlib.AsyncExitStack,
+    urls: Mapping[str, str],
+    opts: SuiteOptions,
+    servers: dict[str, Any],
+    wanted: Sequence[str],
+) -> dict[str, Scenario]:
+    """The read scenarios (and the cache ones in ``wanted``) on a loaded table, cleaned up by ``stack``."""
     import asyncpg
 
     u = make_url(urls["pg"])
-    info: dict[str, Any] = {"dsn": u.render_as_string(hide_password=True)}
-    servers["postgresql"] = info
+    info: dict[str, Any] = servers["postgresql"]
     connect_kw: dict[str, Any] = {
         "host": u.host or "127.0.0.1",
         "port": u.port or 5432,
@@ -334,56 +400,55 @@ async def pg_suite(
         "password": u.password,
         "database": u.database,
     }
-    async with contextlib.AsyncExitStack() as stack:
-        layer = await _start_layer(stack, u.set(drivername="postgresql+asyncpg"), opts)
-        conn = await asyncpg.connect(**connect_kw)
-        stack.push_async_callback(conn.close)
-        info["version"] = str(await conn.fetchval("SHOW server_version"))
-        by_table = _by_table(layer, opts.table, make_rows(opts.rows))
-        for table, rows in by_table.items():
-            await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
-            await conn.execute(f'ANALYZE "{table}"')
-        keys = _keys(by_table, opts)
+    layer = await _start_layer(stack, u.set(drivername="postgresql+asyncpg"), opts)
+    conn = await asyncpg.connect(**connect_kw)
+    stack.push_async_callback(conn.close)
+    info["version"] = str(await conn.fetchval("SHOW server_version"))
+    by_table = _by_table(layer, opts.table, make_rows(opts.rows))
+    for table, rows in by_table.items():
+        await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
+        await conn.execute(f'ANALYZE "{table}"')
+    keys = _keys(by_table, opts)
 
-        pool = await asyncpg.create_pool(**connect_kw)  # asyncpg's defaults: min 10, max 10 connections
-        stack.push_async_callback(pool.close)
-        engine = create_async_engine(
-            u.set(drivername="postgresql+asyncpg"), pool_size=opts.pool_size, max_overflow=0
-        )
-        stack.push_async_callback(engine.dispose)
-        sessions = async_sessionmaker(engine, expire_on_commit=False)
+    pool = await asyncpg.create_pool(**connect_kw)  # asyncpg's defaults: min 10, max 10 connections
+    stack.push_async_callback(pool.close)
+    engine = create_async_engine(
+        u.set(drivername="postgresql+asyncpg"), pool_size=opts.pool_size, max_overflow=0
+    )
+    stack.push_async_callback(engine.dispose)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
 
-        sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = $1"
-        repo = layer.repository(opts.table)
-        lock = asyncio.Lock()
-        user = orm_class(opts.physical_table)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = $1"
+    repo = layer.repository(opts.table)
+    lock = asyncio.Lock()
+    user = orm_class(opts.physical_table)
 
-        async def orm_get(key: Any) -> object:
-            async with sessions() as s:
-                return await s.get(user, key)
+    async def orm_get(key: Any) -> object:
+        async with sessions() as s:
+            return await s.get(user, key)
 
-        def baselines(concurrency: int) -> dict[str, Op]:
-            conn_op: Op = functools.partial(conn.fetchrow, sql)
-            return {
-                "asyncpg.pool.fetchrow": functools.partial(pool.fetchrow, sql),
-                "asyncpg.conn.fetchrow": conn_op if concurrency == 1 else _locked(lock, conn_op),
-                "sqlalchemy.orm.get": orm_get,
-            }
+    def baselines(concurrency: int) -> dict[str, Op]:
+        conn_op: Op = functools.partial(conn.fetchrow, sql)
+        return {
+            "asyncpg.pool.fetchrow": functools.partial(pool.fetchrow, sql),
+            "asyncpg.conn.fetchrow": conn_op if concurrency == 1 else _locked(lock, conn_op),
+            "sqlalchemy.orm.get": orm_get,
+        }
 
-        await _check("dal", repo.get, keys[0], lambda r: r["id"])
-        for name, op in baselines(1).items():
-            await _check(name, op, keys[0], lambda r: r.id if isinstance(r, user) else r["id"])
-        info["rows"] = opts.rows
-        scenarios: dict[str, Scenario] = dict(_comparisons("pg", keys, repo.get, baselines))
-        cached = [n for n in wanted if SCENARIOS[n].cache]
-        if cached:
-            by_id = {r[0]: dict(zip(COLUMNS, r, strict=True)) for r in by_table[opts.physical_table]}
-            scenarios.update(
-                await _cache_scenarios(
-                    stack, u, urls["redis"], opts, servers, cached, keys, by_id, functools.partial(pool.fetchrow, sql)
-                )
+    await _check("dal", repo.get, keys[0], lambda r: r["id"])
+    for name, op in baselines(1).items():
+        await _check(name, op, keys[0], lambda r: r.id if isinstance(r, user) else r["id"])
+    info["rows"] = opts.rows
+    scenarios: dict[str, Scenario] = dict(_comparisons("pg", keys, repo.get, baselines))
+    cached = [n for n in wanted if SCENARIOS[n].cache]
+    if cached:
+        by_id = {r[0]: dict(zip(COLUMNS, r, strict=True)) for r in by_table[opts.physical_table]}
+        scenarios.update(
+            await _cache_scenarios(
+                stack, u, urls["redis"], opts, servers, cached, keys, by_id, functools.partial(pool.fetchrow, sql)
             )
-        yield scenarios
+        )
+    return scenarios
 
 
 # -- cache scenarios (PostgreSQL + Redis) -----------------------------------------------
@@ -649,56 +714,70 @@ async def mysql_suite(
     urls: Mapping[str, str], opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
 ) -> AsyncIterator[dict[str, Scenario]]:
     """MySQL/MariaDB comparisons on loaded tables; everything is closed and dropped on exit."""
+    u = make_url(urls["mysql"])
+    servers["mysql"] = {"dsn": u.render_as_string(hide_password=True)}
+    async with contextlib.AsyncExitStack() as stack:
+        scenarios: dict[str, Scenario] = {}
+        if any(not SCENARIOS[n].batch for n in wanted):
+            scenarios.update(await _mysql_get_scenarios(stack, u, opts, servers))
+        batch = [n for n in wanted if SCENARIOS[n].batch]
+        if batch:
+            from dal.bench.bulk import mysql_bulk_scenarios
+
+            scenarios.update(await mysql_bulk_scenarios(stack, u, opts, servers, batch))
+        yield scenarios
+
+
+async def _mysql_get_scenarios(
+    stack: contextlib.AsyncExitStack, u: URL, opts: SuiteOptions, servers: dict[str, Any]
+) -> dict[str, Scenario]:
     import aiomysql
 
-    u = make_url(urls["mysql"])
-    info: dict[str, Any] = {"dsn": u.render_as_string(hide_password=True)}
-    servers["mysql"] = info
-    async with contextlib.AsyncExitStack() as stack:
-        layer = await _start_layer(stack, u.set(drivername="mysql+aiomysql"), opts)
-        # aiomysql's defaults (minsize 1, maxsize 10) but autocommit, as dal runs.
-        pool = await aiomysql.create_pool(
-            host=u.host or "127.0.0.1",
-            port=u.port or 3306,
-            user=u.username or "root",
-            password=u.password or "",
-            db=u.database,
-            charset=str(u.query.get("charset", "utf8mb4")),
-            autocommit=True,
-        )
+    info: dict[str, Any] = servers["mysql"]
+    layer = await _start_layer(stack, u.set(drivername="mysql+aiomysql"), opts)
+    # aiomysql's defaults (minsize 1, maxsize 10) but autocommit, as dal runs.
+    pool = await aiomysql.create_pool(
+        host=u.host or "127.0.0.1",
+        port=u.port or 3306,
+        user=u.username or "root",
+        password=u.password or "",
+        db=u.database,
+        charset=str(u.query.get("charset", "utf8mb4")),
+        autocommit=True,
+    )
 
-        async def close_pool() -> None:
-            pool.close()
-            await pool.wait_closed()
+    async def close_pool() -> None:
+        pool.close()
+        await pool.wait_closed()
 
-        stack.push_async_callback(close_pool)
-        by_table = _by_table(layer, opts.table, make_rows(opts.rows))
+    stack.push_async_callback(close_pool)
+    by_table = _by_table(layer, opts.table, make_rows(opts.rows))
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT VERSION()")
+        info["version"] = str((await cur.fetchone())[0])
+        for table, rows in by_table.items():
+            insert = f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES (%s, %s, %s, %s, %s)"
+            for i in range(0, len(rows), 1000):
+                await cur.executemany(insert, rows[i : i + 1000])
+            await cur.execute(f"ANALYZE TABLE {table}")
+            await cur.fetchall()
+    keys = _keys(by_table, opts)
+
+    sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = %s"
+    repo = layer.repository(opts.table)
+
+    async def pool_get(key: Any) -> object:
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT VERSION()")
-            info["version"] = str((await cur.fetchone())[0])
-            for table, rows in by_table.items():
-                insert = f"INSERT INTO {table} ({', '.join(COLUMNS)}) VALUES (%s, %s, %s, %s, %s)"
-                for i in range(0, len(rows), 1000):
-                    await cur.executemany(insert, rows[i : i + 1000])
-                await cur.execute(f"ANALYZE TABLE {table}")
-                await cur.fetchall()
-        keys = _keys(by_table, opts)
+            await cur.execute(sql, (key,))
+            return await cur.fetchone()
 
-        sql = f"SELECT {', '.join(COLUMNS)} FROM {opts.physical_table} WHERE id = %s"
-        repo = layer.repository(opts.table)
+    def baselines(concurrency: int) -> dict[str, Op]:
+        return {"aiomysql.pool.autocommit": pool_get}
 
-        async def pool_get(key: Any) -> object:
-            async with pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(sql, (key,))
-                return await cur.fetchone()
-
-        def baselines(concurrency: int) -> dict[str, Op]:
-            return {"aiomysql.pool.autocommit": pool_get}
-
-        await _check("dal", repo.get, keys[0], lambda r: r["id"])
-        await _check("aiomysql.pool.autocommit", pool_get, keys[0], lambda r: r[0])
-        info["rows"] = opts.rows
-        yield dict(_comparisons("mysql", keys, repo.get, baselines))
+    await _check("dal", repo.get, keys[0], lambda r: r["id"])
+    await _check("aiomysql.pool.autocommit", pool_get, keys[0], lambda r: r[0])
+    info["rows"] = opts.rows
+    return dict(_comparisons("mysql", keys, repo.get, baselines))
 
 
 Suite = Callable[

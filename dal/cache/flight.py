@@ -43,5 +43,8 @@ class SingleFlight(Generic[T]):
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when every caller left
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._calls
+
     def __len__(self) -> int:
         return len(self._calls)

@@ -159,6 +159,9 @@ class RemoteCache:
     async def get_row(self, base: str) -> bytes | Any | None:
         return await self._call(lambda: self.client.get(base))
 
+    async def get_version(self, base: str) -> bytes | Any | None:
+        return await self._call(lambda: self.client.get(base + ":ver"))
+
     async def fill(self, base: str, payload: bytes, ttl_ms: int, version: str) -> bool | Any:
         """Store ``payload`` only if the version is still ``version`` ('' = never written)."""
         res = await self._call(lambda: self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms]))

@@ -138,33 +138,51 @@ class TableCache:
     async def get(self, enc: bytes, load: LoadOne) -> Row | None:
         """The row for ``enc`` after an L1 miss.
 
-        Concurrent misses of one key in this process share one flight: one L2
-        read and at most one load (a flight started before a write of the key
-        is not joined after it: the write forgets it).
+        An L2 hit costs one GET, read inline when no flight for the key is under
+        way. Otherwise concurrent misses of one key in this process share one
+        flight (the version read, the Bloom check, at most one load); a flight
+        started before a write of the key is not joined after it: the write
+        forgets it.
         """
         gen = self.l1.generation()
-        row = await self.flight.do(enc, lambda: self._miss(enc, gen, load))
+        remote = self.runtime.remote
+        checked = False
+        if remote is not None and enc not in self.flight and enc not in self._unsynced:
+            raw = await remote.get_row(self.base(enc))
+            if raw is not UNAVAILABLE:
+                if raw is not None:
+                    row = self.codec.loads(raw)
+                    self.l1.put(enc, row, self._l1_ttl(row), gen)
+                    return None if row is None else self._copy(row)
+                checked = True
+        row = await self.flight.do(enc, lambda: self._miss(enc, gen, load, row_checked=checked))
         return None if row is None else self._copy(row)
 
-    async def _miss(self, enc: bytes, gen: int, load: LoadOne) -> Row | None:
+    async def _miss(self, enc: bytes, gen: int, load: LoadOne, *, row_checked: bool = False) -> Row | None:
         remote = self.runtime.remote
         version = ""
         fresh = False
         if enc in self._unsynced:
             return await self._load(enc, "", True, gen, load, use_l2=False)
         if remote is not None:
-            res = await remote.read([self.base(enc)])
-            if res is not UNAVAILABLE:
-                raw, ver = res[0]
+            # The row first, its version only on a miss. A write landing between
+            # the two shows as a newer version, which the fill is checked against.
+            base = self.base(enc)
+            raw = None if row_checked else await remote.get_row(base)
+            if raw is not UNAVAILABLE:
                 if raw is not None:
                     row = self.codec.loads(raw)
                     self.l1.put(enc, row, self._l1_ttl(row), gen)
                     return row
-                version, written = parse_version(ver)
-                fresh = self._fresh(written)
-                if ver is None and self._bloom_says_absent(enc):
-                    self.l1.put(enc, None, self._l1_ttl(None), gen)
-                    return None
+                ver = await remote.get_version(base)
+                if ver is UNAVAILABLE:
+                    fresh = True  # unknown: take the primary, trust no Bloom filter
+                else:
+                    version, written = parse_version(ver)
+                    fresh = self._fresh(written)
+                    if ver is None and self._bloom_says_absent(enc):
+                        self.l1.put(enc, None, self._l1_ttl(None), gen)
+                        return None
         return await self._load(enc, version, fresh, gen, load)
 
     async def _load(
