@@ -283,19 +283,7 @@ class BatchPlanner:
 
     def _update_row(self, item: Any, index: int) -> dict[str, Any]:
         t = self.table
-        from dal.schema import as_mapping
-
-        data = as_mapping(item, t.name)
-        out: dict[str, Any] = {}
-        for name, value in data.items():
-            if type(name) is not str or name not in t._checkers:
-                from dal.errors import UnknownColumnError
-
-                raise UnknownColumnError(f"table {t.name!r} has no column {name!r} (row {index})")
-            problem = t._checkers[name](value)
-            if problem is not None:
-                raise ValidationError(f"{t.name}.{name}: {problem} (row {index})")
-            out[name] = value
+        out = t.checked_values(item, index=index)
         if not all(c in out for c in t.primary_key):
             raise ValidationError(f"{t.name}: row {index} lacks primary key columns {list(t.primary_key)}")
         if len(out) == len(t.primary_key):

@@ -341,8 +341,8 @@ class LogicalTable:
             self.check_value(col, v)
         return values
 
-    def row_values(self, row: object, *, index: int | None = None) -> dict[str, Any]:
-        """Validate a full row for insert; returns a new dict of declared columns."""
+    def checked_values(self, row: object, *, index: int | None = None) -> dict[str, Any]:
+        """The given columns of ``row``, each checked against its declaration (no defaults)."""
         data = as_mapping(row, self.name)
         at = f" (row {index})" if index is not None else ""
         out: dict[str, Any] = {}
@@ -353,6 +353,12 @@ class LogicalTable:
             if problem is not None:
                 raise ValidationError(f"{self.name}.{name}: {problem}{at}")
             out[name] = value
+        return out
+
+    def row_values(self, row: object, *, index: int | None = None) -> dict[str, Any]:
+        """Validate a full row for insert; returns a new dict of declared columns."""
+        out = self.checked_values(row, index=index)
+        at = f" (row {index})" if index is not None else ""
         for name, default in self._defaults:
             if name not in out:
                 out[name] = _default_value(default)
