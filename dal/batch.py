@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
+from dal.backends import connector_for
 from dal.backends.base import Connection
 from dal.cache.keys import encode_cache_key
 from dal.errors import (
@@ -411,11 +412,22 @@ class BatchPlanner:
             raise CommitUnknownError(f"connection lost during COMMIT of a {op} batch: outcome unknown ({exc})") from exc
         deadline = time.monotonic() + self.layer.config.in_doubt_timeout
         b = batches[0]
-        probe = b.keys[0]
+        t = self.table
+        slot, kv = t.locate_key(b.keys[0])
+        st = self.repo._stmts[slot]
+        c = st.get[slot]
+        params = st.key_only(c, kv)
+        connect = connector_for(node.spec)
         while True:
+            # A connection of its own: the pool may be full of callers waiting on the
+            # same outage, and this answer is what frees them.
             try:
-                found = await self.repo.get(probe, primary=True)
-            except Exception:  # not back yet (refused, in recovery, stale pooled connection)
+                conn = await connect()
+                try:
+                    found = await conn.fetch_one(c.sql, params)
+                finally:
+                    conn.terminate()
+            except Exception:  # not back yet (refused, in recovery)
                 if time.monotonic() > deadline:
                     raise CommitUnknownError(
                         f"connection lost during COMMIT on {node.name} and the primary did not come back "
