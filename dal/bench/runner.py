@@ -409,10 +409,10 @@ def _notes(settings: Settings, names: Sequence[str]) -> list[str]:
 def _ratio_text(e: Mapping[str, Any], name: str) -> str:
     ratio = e["vs"][name]
     lo, hi = e["vs_range"][name]
-    shown = f"{ratio:.3f}x [{lo:.2f}-{hi:.2f}]"
+    shown = f"{ratio:.3f}x [{lo:.3g}-{hi:.3g}]"
     if "vs_net" in e:
         nlo, nhi = e["vs_net_range"][name]
-        shown += f", net of loop {e['vs_net'][name]:.3f}x [{nlo:.2f}-{nhi:.2f}]"
+        shown += f", net of loop {e['vs_net'][name]:.3f}x [{nlo:.3g}-{nhi:.3g}]"
     key = name if name in e["targets"] else name.partition(":")[0]
     target = e["targets"].get(key)
     if target is not None:

@@ -1,4 +1,4 @@
-"""`dal bench` end to end on the PostgreSQL (and Redis) test servers: schema of the JSON report.
+"""`dal bench` end to end on the PostgreSQL, MariaDB (and Redis) test servers: schema of the JSON report.
 
 Short timing (no timing asserts): the point is that the harness creates its
 tables, measures dal and every baseline, reports ratios, and cleans up.
@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from dal.bench import BenchError, SuiteOptions, Timing, run_bench
-from tests.conftest import REDIS_URL
+from tests.conftest import MYSQL_URL, PG_URL, REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -135,12 +136,102 @@ def test_only_matches_names_and_prefixes() -> None:
 
     assert select(["pg.get.nocache"]) == ["pg.get.nocache", "pg.get.nocache:c32"]
     assert select(["pg.get.nocache:c32"]) == ["pg.get.nocache:c32"]
-    assert select(["mysql"]) == ["mysql.get.nocache", "mysql.get.nocache:c32"]
+    assert select(["mysql"]) == ["mysql.get.nocache", "mysql.get.nocache:c32", "mysql.insert_many"]
     assert select(["get"]) == ["get.l1_hit", "get.l2_hit"]
     assert select(["stampede", "get.l1_hit"]) == ["get.l1_hit", "stampede"]
-    assert len(select([])) == 7
+    assert select(["pg.insert_many"]) == ["pg.insert_many", "pg.insert_many:b1000"]
+    assert select(["batchwriter"]) == ["batchwriter.insert:c1000"]
+    assert len(select([])) == 12
     with pytest.raises(ValueError):
         select(["pg.get.noc"])  # prefixes end at a '.' or ':' boundary
+
+
+BATCH = {
+    # dal scenario: {baseline: target}
+    "pg.insert_many": {"asyncpg.copy": 1.25, "asyncpg.row_autocommit": 0.01},
+    "pg.insert_many:b1000": {"asyncpg.copy": 1.25, "asyncpg.row_autocommit": 0.01},
+    "pg.upsert_many": {"asyncpg.copy": 2.5},
+    "batchwriter.insert:c1000": {"repo.insert:c1000": 0.1},
+    "mysql.insert_many": {"aiomysql.executemany": 1.0},
+}
+
+
+async def _databases_left(prefix: str) -> list[str]:
+    import aiomysql
+    import asyncpg
+
+    pg, my = make_url(PG_URL), make_url(MYSQL_URL)
+    conn = await asyncpg.connect(host=pg.host, port=pg.port, user=pg.username, password=pg.password, database=pg.database)
+    try:
+        left = [r[0] for r in await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", prefix + "%")]
+    finally:
+        await conn.close()
+    mconn = await aiomysql.connect(host=my.host, port=my.port or 3306, user=my.username, password=my.password or "")
+    try:
+        async with mconn.cursor() as cur:
+            await cur.execute("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s", (prefix + "%",))
+            left += [r[0] for r in await cur.fetchall()]
+    finally:
+        mconn.close()
+    return left
+
+
+async def test_bench_batch_scenarios_json(tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    out = io.StringIO()
+    prefix = "dal_bench_pytest"  # own databases: a `dal bench` running at the same time keeps its own
+    report = await run_bench(
+        only=["pg.insert_many", "pg.upsert_many", "batchwriter", "mysql.insert_many"],
+        json_path=str(path),
+        out=out,
+        pg_url=PG_URL,
+        mysql_url=MYSQL_URL,
+        timing=Timing(rounds=2, round_seconds=0.05, warmup_ops=50),
+        options=SuiteOptions(rows=2000, bulk_rows=2000, bulk_sample=50, bulk_databases=prefix),
+    )
+    assert json.loads(path.read_text()) == report
+    dal = {e["name"]: e for e in report["scenarios"] if e["kind"] == "dal"}
+    assert list(dal) == list(BATCH)
+    baselines = {(e["baseline_of"], e["name"]): e for e in report["scenarios"] if e["kind"] == "baseline"}
+    assert set(baselines) == {(d, b) for d, targets in BATCH.items() for b in targets}
+    for e in report["scenarios"]:
+        for field in ("ops_per_s", "p50_us", "p99_us", "us_per_row"):
+            assert _positive(e[field]), (e["name"], field, e[field])
+        assert e["unit"] == "row" and e["p50_us"] <= e["p99_us"]
+    for name, targets in BATCH.items():
+        e = dal[name]
+        assert e["targets"] == targets and set(e["vs"]) == set(e["met"]) == set(targets)
+        assert all(_positive(r) for r in e["vs"].values()) and all(isinstance(m, bool) for m in e["met"].values())
+        assert all(lo <= hi for lo, hi in e["vs_range"].values())
+    for name in ("pg.insert_many", "pg.insert_many:b1000", "pg.upsert_many", "mysql.insert_many"):
+        e = dal[name]
+        assert e["rows"] == e["rows_per_call"] == 2000 and e["ops"] == 2000 * 2  # two rounds of one load
+        assert e["databases"] == 2 and e["physical_tables"] == 8 and e["batches_per_call"] >= 8
+    assert dal["pg.insert_many:b1000"]["batch_size"] == 1000
+    assert dal["pg.insert_many"]["batch_size"] < 2000 and dal["pg.insert_many"]["batches_per_call"] == 8
+    assert dal["pg.upsert_many"]["existing_rows"] == 1000
+    row_by_row = baselines[("pg.insert_many", "asyncpg.row_autocommit")]
+    assert row_by_row["rows"] == 50 and row_by_row["rows_per_call"] == 1 and row_by_row["sample_of"] == 2000
+    assert baselines[("mysql.insert_many", "aiomysql.executemany")]["rows_per_call"] == 1000
+
+    writer = dal["batchwriter.insert:c1000"]
+    assert writer["concurrency"] == 1000 and writer["writer"] == {"max_rows": 500, "max_delay": 0.005}
+    assert writer["counters"]["writer_rows"] > 0 and writer["counters"]["writer_batches"] > 0
+    assert baselines[("batchwriter.insert:c1000", "repo.insert:c1000")]["concurrency"] == 1000
+
+    assert report["run"]["bulk_rows"] == 2000 and report["run"]["bulk_sample"] == 50
+    for server in ("postgresql", "mysql"):
+        assert report["machine"]["servers"][server]["bulk_databases"] == [f"{prefix}_0", f"{prefix}_1"]
+    assert await _databases_left(prefix) == []  # dropped at the end
+    text = out.getvalue()
+    assert "batch scenario" in text and "µs/row" in text and "batch_size 1,000" in text
+
+
+def test_quick_uses_fewer_bulk_rows() -> None:
+    from dal.bench.runner import resolve_settings
+
+    assert resolve_settings(quick=True, config=None, pg_url=None, mysql_url=None, env={}).options.bulk_rows == 20_000
+    assert resolve_settings(quick=False, config=None, pg_url=None, mysql_url=None, env={}).options.bulk_rows == 100_000
 
 
 def test_cli_arguments_and_config(tmp_path: Path) -> None:
