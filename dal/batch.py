@@ -489,9 +489,9 @@ class BatchPlanner:
         return [tuple(v if p is None or v is None else p(v) for v, p in zip(r, procs, strict=True)) for r in b.rows]
 
     def _native_bool(self, c: Compiled) -> bool:
-        return all(name in self.table.table.c for name in c.names) and bool(
-            getattr(self.repo._stmts[0].dialect, "supports_native_boolean", False)
-        )
+        # Values were validated as bool, which every driver sends as it should
+        # (asyncpg natively, PyMySQL and sqlite3 as 1/0): the processor is redundant.
+        return all(name in self.table.table.c for name in c.names)
 
     async def _apply_pg(self, op: Op, conn: Connection, b: _Batch) -> int:
         st = self._stmts(b)
@@ -619,9 +619,10 @@ class BatchWriter:
     """Coalesces single-row writes from many coroutines into batches (write-behind).
 
     ``await writer.insert(row)`` (also ``upsert``, ``delete``) returns when the
-    row is committed, or raises that row's own error. A physical table's queue
-    is flushed when it holds ``max_rows`` rows or its oldest row has waited
-    ``max_delay`` seconds. A batch that fails is split in halves until the
+    row is committed, or raises that row's own error. An idle physical table's
+    queue is sent when it holds ``max_rows`` rows or its oldest row has waited
+    ``max_delay`` seconds; while one batch of a table is in flight, the rows that
+    arrive form its next batch (up to ``max_rows``), so batches grow with the load. A batch that fails is split in halves until the
     failing rows are isolated, so one bad row fails only its own caller (a
     lost connection fails the whole batch: no row caused it). At most
     ``max_pending`` rows wait at once; further callers wait for room
@@ -651,7 +652,7 @@ class BatchWriter:
         self._queues: dict[int, list[_Pending]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._flushing: set[asyncio.Task[None]] = set()
-        self._tails: dict[int, asyncio.Task[None]] = {}  # the last batch of each physical table
+        self._busy: set[int] = set()  # physical tables with a batch in flight
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -675,52 +676,52 @@ class BatchWriter:
         if self._closed:
             raise DalError("the BatchWriter is closed")
         # Validate now: a bad row fails its caller before it is queued.
-        batch = self._planner.plan(op, [item], 1)[0]
-        slot = batch.target.slot
-        shape = (batch.columns, batch.overwrite)
+        slot, _key, data, given = self._planner._plan_row(op, item, 0)
+        t = self._table
+        columns = t.primary_key if op == "delete" else tuple(c for c in t.columns if c in data)
+        overwrite = tuple(c for c in columns if c in given and c not in t.primary_key) if op == "upsert" else None
         await self._room.acquire()
         if self._closed:
             self._room.release()
             raise DalError("the BatchWriter is closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(slot, [])
-        queue.append(_Pending(op, item, fut, shape))
-        if len(queue) >= self.max_rows:
-            self._flush(slot)
-        elif slot not in self._timers:
-            self._timers[slot] = asyncio.get_running_loop().call_later(self.max_delay, self._flush, slot)
-        await asyncio.shield(fut)
+        queue.append(_Pending(op, item, fut, (columns, overwrite)))
+        if slot not in self._busy:
+            if len(queue) >= self.max_rows:
+                self._drain(slot)
+            elif slot not in self._timers:
+                self._timers[slot] = asyncio.get_running_loop().call_later(self.max_delay, self._drain, slot)
+        # Not shielded: a caller that stops waiting leaves its accepted row queued.
+        await fut
 
-    def _flush(self, slot: int) -> None:
+    def _drain(self, slot: int) -> None:
+        """Start writing a table's queue, unless a batch of it is in flight already."""
         timer = self._timers.pop(slot, None)
         if timer is not None:
             timer.cancel()
-        queue = self._queues.get(slot)
-        if not queue:
+        if slot in self._busy or not self._queues.get(slot):
             return
-        # A batch: the longest run of one kind of operation on one set of columns
-        # (one statement), at most max_rows.
-        op, shape = queue[0].op, queue[0].shape
-        n = 0
-        while n < len(queue) and n < self.max_rows and queue[n].op == op and queue[n].shape == shape:
-            n += 1
-        items, self._queues[slot] = queue[:n], queue[n:]
-        # After the table's previous batch: a later operation on a key must not overtake it.
-        task = asyncio.ensure_future(self._write_after(self._tails.get(slot), op, items))
-        self._tails[slot] = task
+        self._busy.add(slot)
+        task = asyncio.ensure_future(self._drain_loop(slot))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
-        task.add_done_callback(lambda t: self._tails.pop(slot) if self._tails.get(slot) is t else None)
-        if self._queues[slot]:
-            if len(self._queues[slot]) >= self.max_rows or self._queues[slot][0].op != op or self._queues[slot][0].shape != shape:
-                self._flush(slot)
-            else:
-                self._timers[slot] = asyncio.get_running_loop().call_later(self.max_delay, self._flush, slot)
 
-    async def _write_after(self, previous: asyncio.Task[None] | None, op: Op, items: list[_Pending]) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        await self._write(op, items)
+    async def _drain_loop(self, slot: int) -> None:
+        # One batch of a table at a time, in order: rows that arrive while one is in
+        # flight form the next (so batches grow with the load, not with max_delay).
+        try:
+            while queue := self._queues.get(slot):
+                # A batch: the longest run of one kind of operation on one set of
+                # columns (one statement), at most max_rows.
+                op, shape = queue[0].op, queue[0].shape
+                n = 0
+                while n < len(queue) and n < self.max_rows and queue[n].op == op and queue[n].shape == shape:
+                    n += 1
+                items, self._queues[slot] = queue[:n], queue[n:]
+                await self._write(op, items)
+        finally:
+            self._busy.discard(slot)
 
     async def _write(self, op: Op, items: list[_Pending]) -> None:
         try:
@@ -756,8 +757,7 @@ class BatchWriter:
     async def flush(self) -> None:
         """Send everything queued now and wait for it."""
         for slot in list(self._queues):
-            while self._queues.get(slot):
-                self._flush(slot)
+            self._drain(slot)
         while self._flushing:
             await asyncio.gather(*list(self._flushing), return_exceptions=True)
 

@@ -385,7 +385,7 @@ class Repository(Generic[RowT]):
 
     # -- batches ------------------------------------------------------------------------
     async def insert_many(
-        self, rows: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+        self, rows: Iterable[Any], *, batch_size: int = 10_000, atomic: bool = False, raise_on_error: bool = True
     ) -> BatchResult:
         """Insert rows in batches per physical table (see :mod:`dal.batch`).
 
@@ -396,7 +396,7 @@ class Repository(Generic[RowT]):
         return await self._many("insert", rows, batch_size, atomic, raise_on_error)
 
     async def upsert_many(
-        self, rows: Iterable[Any], *, batch_size: int = 1000, atomic: bool = False, raise_on_error: bool = True
+        self, rows: Iterable[Any], *, batch_size: int = 10_000, atomic: bool = False, raise_on_error: bool = True
     ) -> BatchResult:
         """Insert rows, or overwrite the given columns of existing ones, in batches."""
         return await self._many("upsert", rows, batch_size, atomic, raise_on_error)

@@ -119,7 +119,7 @@ async def test_100k_rows_each_once_in_its_physical_table(backend: str, lay: Data
     assert len(set(ids)) == n
     users = lay.repository("users")
     t0 = time.monotonic()
-    res = await users.insert_many([user(i) for i in ids])
+    res = await users.insert_many([user(i) for i in ids], batch_size=1000)
     elapsed = time.monotonic() - t0
 
     assert res.ok and res.failures == []
