@@ -613,6 +613,9 @@ class _Pending:
     item: Any
     future: asyncio.Future[None]
     shape: tuple[Any, ...]  # (columns, overwrite): rows of one shape make one statement
+    slot: int = 0
+    key: Any = None
+    values: tuple[Any, ...] = ()  # validated, in the shape's column order
 
 
 class BatchWriter:
@@ -676,7 +679,7 @@ class BatchWriter:
         if self._closed:
             raise DalError("the BatchWriter is closed")
         # Validate now: a bad row fails its caller before it is queued.
-        slot, _key, data, given = self._planner._plan_row(op, item, 0)
+        slot, key, data, given = self._planner._plan_row(op, item, 0)
         t = self._table
         columns = t.primary_key if op == "delete" else tuple(c for c in t.columns if c in data)
         overwrite = tuple(c for c in columns if c in given and c not in t.primary_key) if op == "upsert" else None
@@ -686,7 +689,7 @@ class BatchWriter:
             raise DalError("the BatchWriter is closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(slot, [])
-        queue.append(_Pending(op, item, fut, (columns, overwrite)))
+        queue.append(_Pending(op, item, fut, (columns, overwrite), slot, key, tuple(data[c] for c in columns)))
         if slot not in self._busy:
             if len(queue) >= self.max_rows:
                 self._drain(slot)
@@ -725,8 +728,16 @@ class BatchWriter:
 
     async def _write(self, op: Op, items: list[_Pending]) -> None:
         try:
-            # One shape, one physical table: one batch (repeated upsert keys folded).
-            (batch,) = self._planner.plan(op, [p.item for p in items], len(items))
+            if op == "upsert":  # one batch, repeated keys folded as upsert_many does
+                (batch,) = self._planner.plan(op, [p.item for p in items], len(items))
+            else:  # validated on submit: one shape, one physical table
+                first = items[0]
+                batch = _Batch(
+                    self._planner.repo._primary_targets[first.slot],
+                    [p.values for p in items],
+                    [p.key for p in items],
+                    first.shape[0],
+                )
             self.batches += 1
             await self._planner.execute(op, batch)
         except DalError as exc:

@@ -48,10 +48,17 @@ def _checker_for(column: sa.Column[Any]) -> Checker:
     tname = type(column.type).__name__
 
     def need(kinds: tuple[type, ...], label: str) -> Checker:
+        exact = frozenset(kinds)
+
         def check(v: Any) -> str | None:
+            t = type(v)
+            if t in exact:  # the common case: no isinstance() walk
+                if length is not None and (t is str or t is bytes or t is bytearray) and len(v) > length:
+                    return f"value of length {len(v)} exceeds {tname}({length})"
+                return None
             if v is None:
                 return None if nullable else "must not be NULL"
-            if type(v) is bool and bool not in kinds:
+            if t is bool and bool not in kinds:
                 return f"expects {label}, got bool"
             if not isinstance(v, kinds):
                 return f"expects {label}, got {type(v).__name__}"
@@ -426,7 +433,7 @@ def _default_value(default: sa.ColumnDefault) -> Any:
 
 def as_mapping(row: object, table: str) -> Mapping[str, Any]:
     """Accept a mapping or a dataclass instance as a row."""
-    if isinstance(row, Mapping):
+    if type(row) is dict or isinstance(row, Mapping):  # the exact check skips the ABC machinery
         return row
     if is_dataclass(row) and not isinstance(row, type):
         return {f.name: getattr(row, f.name) for f in fields(row)}
