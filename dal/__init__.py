@@ -9,6 +9,8 @@ rows placed by CRC32 of a shard key. See the README for a tour.
 from dal.batch import BatchFailure, BatchResult, BatchWriter
 from dal.config import (
     DSN,
+    CachePolicy,
+    CacheSettings,
     Config,
     DatabaseSpec,
     NodeSpec,
@@ -54,6 +56,8 @@ __all__ = [
     "BatchFailure",
     "BatchResult",
     "BatchWriter",
+    "CachePolicy",
+    "CacheSettings",
     "CommitUnknownError",
     "Config",
     "ConfigError",
