@@ -77,7 +77,7 @@ def vid(v: dict[str, Any]) -> str:
 # -- the vector file itself ------------------------------------------------------------
 
 
-def test_vector_file_covers_the_brief() -> None:
+def test_vector_file_covers_the_required_kinds() -> None:
     assert len(VECTORS) >= 60
     assert SLOT_COUNTS == [1, 2, 4, 8, 16, 1024]
     kinds = Counter(v["type"] for v in VECTORS)
