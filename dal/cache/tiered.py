@@ -353,7 +353,12 @@ class TableCache:
                 rt.retry.put(setbits)
         if rt.bus is not None:
             bus = rt.bus
-            failed = await asyncio.shield(bus.send(self.table, list(encs), inserted))
+            if remote.available:
+                failed = await asyncio.shield(bus.send(self.table, list(encs), inserted))
+            else:
+                # The breaker is open: do not make this write wait out a publish
+                # timeout; number the message now and let the retry queue send it.
+                failed = bus.message(self.table, list(encs), inserted)
             if failed is not None:
 
                 async def publish(payload: bytes = failed) -> bool:
