@@ -558,17 +558,7 @@ class BatchPlanner:
             return b.inputs  # MySQL counts an updated row twice: report rows written
         pk = self.table.primary_key
         if op == "delete":
-            phys = self.table.physical[slot]
-            n = len(b.rows)
-
-            def build() -> sa.ClauseElement:
-                if len(pk) == 1:
-                    return sa.delete(phys).where(phys.c[pk[0]].in_([sa.bindparam(f"m{i}_0") for i in range(n)]))
-                return sa.delete(phys).where(
-                    sa.or_(*(sa.and_(*(phys.c[k] == sa.bindparam(f"m{i}_{j}") for j, k in enumerate(pk))) for i in range(n)))
-                )
-
-            c = self._compiled(("delete", slot, n), build, st.dialect)
+            c = st.delete_many(slot, len(b.rows))
             return await conn.execute(c.sql, c.params(st.get_many_params([tuple(r) for r in b.rows])))
         # update: one statement per row, all in this batch's transaction
         sets = tuple(col for col in b.columns if col not in pk)

@@ -282,17 +282,12 @@ class Repository(Generic[RowT]):
 
     async def _fetch_many(self, kvs: Sequence[tuple[Any, ...]], role: Role) -> list[dict[str, Any]]:
         """Rows for key values, one query per physical table (chunked), concurrently."""
-        t = self._table
-        by_slot: dict[int, list[tuple[Any, ...]]] = {}
-        for kv in kvs:
-            slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
-            by_slot.setdefault(slot, []).append(kv)
-        targets = self._primary_targets if role is Role.PRIMARY else self._replica_targets
-        self._check_targets(targets[s] for s in by_slot)
+        groups = self._router.group(self._table, kvs, role)
+        self._check_targets(groups)
         jobs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = []
-        for slot, group in by_slot.items():
+        for target, group in groups.items():
             for i in range(0, len(group), _CHUNK):
-                jobs.append(self._get_chunk_job(targets[slot], group[i : i + _CHUNK]))
+                jobs.append(self._get_chunk_job(target, group[i : i + _CHUNK]))
         rows: list[dict[str, Any]] = []
         for part in await gather_bounded(jobs, self._layer._fanout):
             rows.extend(part)

@@ -267,12 +267,6 @@ class LogicalTable:
             return self.placements[0]
         return self.sharder.place(shard_value)
 
-    def shard_value_of_key(self, key: object) -> object:
-        """The shard key inside a primary key (scalar, or tuple for composite keys)."""
-        if len(self.primary_key) == 1:
-            return key
-        return key[self._shard_key_index]  # type: ignore[index]
-
     # -- validation --------------------------------------------------------------
     def column(self, name: object) -> str:
         """``name`` if it is a declared column, else :class:`UnknownColumnError`."""

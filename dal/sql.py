@@ -160,6 +160,7 @@ class Statements:
         self._pk_params = tuple(f"k_{c}" for c in pk)
         get_many: list[OrderedDict[int, Compiled]] = [OrderedDict() for _ in table.physical]
         self._get_many = get_many
+        self._delete_many: list[OrderedDict[int, Compiled]] = [OrderedDict() for _ in table.physical]
         self._shapes: OrderedDict[tuple[Any, ...], Compiled] = OrderedDict()
         self._inserts: dict[tuple[int, tuple[str, ...]], Compiled] = {}
         self._upserts: dict[tuple[int, tuple[str, ...], tuple[str, ...] | None], Compiled] = {}
@@ -203,30 +204,34 @@ class Statements:
             return key_values
         return c.params(self.key_params(key_values))
 
-    def get_many(self, slot: int, n: int) -> Compiled:
-        """SELECT of ``n`` primary keys from one physical table (cached per ``n``)."""
-        cache = self._get_many[slot]
+    def _keys_in(self, t: sa.Table, n: int) -> sa.ColumnElement[bool]:
+        """``pk IN (:m0_0, ...)`` for ``n`` keys (an OR of ANDs for composite keys)."""
+        pk = self.table.primary_key
+        if len(pk) == 1:
+            return t.c[pk[0]].in_([sa.bindparam(f"m{i}_0") for i in range(n)])
+        return sa.or_(
+            *(sa.and_(*(t.c[c] == sa.bindparam(f"m{i}_{j}") for j, c in enumerate(pk))) for i in range(n))
+        )
+
+    def _by_keys(self, cache: OrderedDict[int, Compiled], n: int, build: Callable[[], sa.ClauseElement]) -> Compiled:
         hit = cache.get(n)
         if hit is not None:
             cache.move_to_end(n)
             return hit
-        t = self.table.physical[slot]
-        pk = self.table.primary_key
-        where: sa.ColumnElement[bool]
-        if len(pk) == 1:
-            where = t.c[pk[0]].in_([sa.bindparam(f"m{i}_0") for i in range(n)])
-        else:
-            where = sa.or_(
-                *(
-                    sa.and_(*(t.c[c] == sa.bindparam(f"m{i}_{j}") for j, c in enumerate(pk)))
-                    for i in range(n)
-                )
-            )
-        compiled = compile_statement(sa.select(*t.c).where(where), self.dialect)
-        cache[n] = compiled
+        compiled = cache[n] = compile_statement(build(), self.dialect)
         if len(cache) > 64:
             cache.popitem(last=False)
         return compiled
+
+    def get_many(self, slot: int, n: int) -> Compiled:
+        """SELECT of ``n`` primary keys from one physical table (cached per ``n``)."""
+        t = self.table.physical[slot]
+        return self._by_keys(self._get_many[slot], n, lambda: sa.select(*t.c).where(self._keys_in(t, n)))
+
+    def delete_many(self, slot: int, n: int) -> Compiled:
+        """DELETE of ``n`` primary keys from one physical table; parameters as :meth:`get_many`."""
+        t = self.table.physical[slot]
+        return self._by_keys(self._delete_many[slot], n, lambda: sa.delete(t).where(self._keys_in(t, n)))
 
     @staticmethod
     def get_many_params(keys: Sequence[tuple[Any, ...]]) -> dict[str, Any]:

@@ -236,6 +236,3 @@ class RemoteCache:
             await pipe.execute()
 
         return await self._call(run) is not UNAVAILABLE
-
-    async def ping(self) -> bool:
-        return await self._call(self.client.ping) is not UNAVAILABLE

@@ -74,20 +74,14 @@ class Router:
         return self._targets[table.name][role]
 
     def group(
-        self, table: LogicalTable, keys: Iterable[Any], role: Role
-    ) -> dict[Target, list[Any]]:
-        """Primary keys grouped by target, in first-seen order, duplicates dropped."""
-        out: dict[Target, list[Any]] = {}
-        seen: set[Any] = set()
+        self, table: LogicalTable, key_values: Iterable[tuple[Any, ...]], role: Role
+    ) -> dict[Target, list[tuple[Any, ...]]]:
+        """Validated primary keys (column-value tuples) grouped by target, in first-seen order."""
+        out: dict[Target, list[tuple[Any, ...]]] = {}
         targets = self._targets[table.name][role]
         sharder = table.sharder
-        for key in keys:
-            if key in seen:
-                continue
-            seen.add(key)
-            if sharder is None:
-                target = targets[0]
-            else:
-                target = targets[sharder.slot(table.shard_value_of_key(key))]
-            out.setdefault(target, []).append(key)
+        i = table._shard_key_index
+        for kv in key_values:
+            target = targets[0] if sharder is None else targets[sharder.slot(kv[i])]
+            out.setdefault(target, []).append(kv)
         return out

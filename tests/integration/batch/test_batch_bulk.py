@@ -9,9 +9,7 @@ where is raw SQL on each physical table, with the slot recomputed per row as
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,36 +29,13 @@ from tests.batch_support import (
     DBS,
     SHARDS,
     Raw,
-    batch_urls,
     db_of_slot,
     expected_batches,
     ids_on,
-    make_layer,
     slot_of,
     written_per_db,
 )
 from tests.conftest import topology
-
-
-@pytest.fixture
-def urls(backend: str, tmp_path: Path) -> list[str]:
-    return batch_urls(backend, tmp_path)
-
-
-@pytest.fixture
-async def raw(urls: list[str]) -> AsyncIterator[Raw]:
-    r = Raw(urls)
-    yield r
-    await r.aclose()
-
-
-@pytest.fixture
-async def lay(urls: list[str]) -> AsyncIterator[DataLayer]:
-    async with make_layer(urls) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        yield layer
-        await layer.drop_all()
 
 
 async def reset(layer: DataLayer) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,28 +17,7 @@ import pytest
 from dal import DalError, DataLayer, DuplicateKeyError, ValidationError
 from dal import batch as batch_mod
 from dal.batch import BatchWriter
-from tests.batch_support import SHARDS, Raw, batch_urls, expected_batches, make_layer
-
-
-@pytest.fixture
-def urls(backend: str, tmp_path: Path) -> list[str]:
-    return batch_urls(backend, tmp_path)
-
-
-@pytest.fixture
-async def raw(urls: list[str]) -> AsyncIterator[Raw]:
-    r = Raw(urls)
-    yield r
-    await r.aclose()
-
-
-@pytest.fixture
-async def lay(urls: list[str]) -> AsyncIterator[DataLayer]:
-    async with make_layer(urls) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        yield layer
-        await layer.drop_all()
+from tests.batch_support import SHARDS, Raw, expected_batches
 
 
 def user(i: int, **over: Any) -> dict[str, Any]:
