@@ -897,12 +897,28 @@ async def test_redis_killed_and_restarted(shard_urls: list[str]) -> None:
             print(f"\nredis down: 100 gets took {elapsed * 1000:.0f} ms; errors {remote.errors}, "
                   f"breaker trips {breaker.trips}")  # fmt: skip
             assert elapsed < 100 * 0.25 / 4
-            # writes keep working and are queued for retry
+            # writes keep working and are queued for retry; with the breaker open
+            # they do not even try to publish (no publish timeout to wait out)
+            breaker.reset = 60.0  # hold it open for these writes
+            bus = ta.runtime.bus
+            assert bus is not None
+            sends: list[str] = []
+            real_send = bus.send
+
+            async def counting_send(table: str, keys: list[bytes], inserted: bool) -> bytes | None:
+                sends.append(table)
+                return await real_send(table, keys, inserted)
+
+            bus.send = counting_send  # type: ignore[method-assign]
+            assert breaker.state == "open"
             assert await ua.update(1, {"name": "during-outage"})
             assert await ua.get(1) == user(1, "during-outage")
             assert ta.runtime.retry.pending >= 2  # the L2 delete and the message
             await ua.insert(user(1000))
             assert await ua.get(1000) == user(1000)
+            assert sends == []
+            bus.send = real_send  # type: ignore[method-assign]
+            breaker.reset = 0.3
 
             server.restart()
             drain = await wait_until(lambda: ta.runtime.retry.pending == 0, timeout=10.0, interval=0.01)
