@@ -125,6 +125,13 @@ class PostgresConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
+    async def copy_text(self, table: str, columns: Sequence[str], payload: memoryview) -> None:
+        """COPY a text-format payload (see :mod:`dal.backends.copytext`) into ``table``."""
+        try:
+            await self._conn.copy_to_table(table, source=payload, columns=list(columns), format="text")
+        except _ERRORS as exc:
+            raise self._lost(exc) from exc
+
     async def begin(self) -> None:
         await self.execute("BEGIN", ())
 
