@@ -48,7 +48,7 @@ import sqlalchemy as sa
 
 from dal.backends import connector_for
 from dal.backends.base import Connection
-from dal.backends.copytext import copy_text_lines, copy_text_payload
+from dal.backends.copytext import Form, text_forms, text_lines, text_payload
 from dal.cache.keys import encode_cache_key
 from dal.errors import (
     BatchError,
@@ -120,8 +120,8 @@ class _Batch:
     overwrite: tuple[str, ...] | None = None
     # input rows each row stands for (repeated keys of an upsert/update are folded into one)
     weights: list[int] | None = None
-    # PostgreSQL, instead of ``rows``: the rows as lines of COPY's text format
-    text_lines: list[str] | None = None
+    # PostgreSQL, instead of ``rows``: the rows as COPY text, rendered as it is sent
+    text: _TextFeed | None = None
 
     @property
     def inputs(self) -> int:
@@ -137,13 +137,19 @@ class BatchPlanner:
         self.layer = repo._layer
         self.cluster = repo._cluster
         self._stmt_cache: dict[tuple[Any, ...], Compiled] = {}
+        self._merge_cache: dict[tuple[Any, ...], str] = {}
 
     # -- planning (no I/O) --------------------------------------------------------------
-    def plan(self, op: Op, items: Iterable[Any], batch_size: int) -> list[_Batch]:
+    def plan(self, op: Op, items: Iterable[Any], batch_size: int, *, stream: bool = False) -> list[_Batch]:
+        """Validate every row, then group them into batches (no I/O).
+
+        ``stream``: PostgreSQL COPY text is rendered as the batches are sent, a chunk
+        of rows at a time, instead of here.
+        """
         if type(batch_size) is not int or batch_size < 1:
             raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if op in ("insert", "upsert") and isinstance(items, list) and len(items) > 1:
-            fast = self._plan_columns(items, batch_size, op)
+            fast = self._plan_columns(items, batch_size, op, stream)
             if fast is not None:
                 return fast
         t = self.table
@@ -217,7 +223,7 @@ class BatchPlanner:
         slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
         return slot, (kv[0] if len(kv) == 1 else kv), data, given
 
-    def _plan_columns(self, rows: list[Any], batch_size: int, op: Op) -> list[_Batch] | None:
+    def _plan_columns(self, rows: list[Any], batch_size: int, op: Op, stream: bool) -> list[_Batch] | None:
         """The same plan as row by row, a column at a time: for lists of dicts with one
         set of keys whose values all pass the fast column checks. ``None`` sends the
         caller down the row-by-row path, which also names the bad row and field.
@@ -274,18 +280,21 @@ class BatchPlanner:
         used = sorted(set(slots))
         keys_by_slot = _by_slot(slots, n, keys_list)
         targets = self.repo._primary_targets
-        # PostgreSQL: COPY text lines, built in the caller's row order (the values lie
-        # in memory in that order: built after grouping, the same work costs twice).
-        lines = copy_text_lines([cols[c] for c in columns]) if self._text_copy(used, columns) else None
-        if lines is not None:
-            lines_by_slot = _by_slot(slots, n, lines)
-            return [
-                _Batch(targets[slot], [], ks[s : s + batch_size], columns, overwrite,
-                       text_lines=lines_by_slot[slot][s : s + batch_size])
-                for slot in used
-                for ks in (keys_by_slot[slot],)
-                for s in range(0, len(ks), batch_size)
-            ]
+        forms = self._text_forms(used, columns, cols)
+        if forms is not None:
+            # PostgreSQL: COPY text, rendered while the first batches are on the wire.
+            feeds: dict[int, list[_TextFeed]] = {}
+            out = []
+            for slot in used:
+                ks = keys_by_slot[slot]
+                for s in range(0, len(ks), batch_size):
+                    feed = _TextFeed(len(ks[s : s + batch_size]))
+                    feeds.setdefault(slot, []).append(feed)
+                    out.append(_Batch(targets[slot], [], ks[s : s + batch_size], columns, overwrite, text=feed))
+            source = _TextSource([cols[c] for c in columns], forms, slots, batch_size, feeds)
+            if not stream:
+                source.run()
+            return out
         records = _by_slot(slots, n, zip(*(cols[c] for c in columns)))  # noqa: B905 - columns of one length
         out = []
         for slot in used:
@@ -294,18 +303,21 @@ class BatchPlanner:
                 out.append(_Batch(targets[slot], recs[s : s + batch_size], ks[s : s + batch_size], columns, overwrite))
         return out
 
-    def _text_copy(self, slots: list[int], columns: tuple[str, ...]) -> bool:
-        """Whether rows of ``columns`` may go as COPY text: every slot is on PostgreSQL and
-        every column is sent as is (no bind processor but the redundant Boolean one)."""
+    def _text_forms(self, slots: list[int], columns: tuple[str, ...], cols: dict[str, list[Any]]) -> list[Form] | None:
+        """How to render the rows as COPY text, when every slot is on PostgreSQL, every
+        column is sent as is (no bind processor but the redundant Boolean one) and every
+        value has a text form; else ``None`` (binary records)."""
         stmts = self.repo._stmts
         if any(stmts[s].dialect.name != "postgresql" for s in slots):
-            return False
+            return None
         c = stmts[slots[0]].insert(slots[0], columns)
         phys = self.table.table
-        return all(
+        if not all(
             p is None or isinstance(phys.c[name].type, sa.Boolean)
             for name, p in zip(c.names, c.processors, strict=True)
-        )
+        ):
+            return None
+        return text_forms([cols[name] for name in columns])
 
     def _update_row(self, item: Any, index: int) -> dict[str, Any]:
         t = self.table
@@ -531,8 +543,8 @@ class BatchPlanner:
     async def _copy(self, conn: Connection, table: str, b: _Batch) -> None:
         """COPY the batch's rows into ``table``: as text when planned so, else binary records."""
         copy: Any = conn
-        if b.text_lines is not None:
-            await copy.copy_text(table, b.columns, copy_text_payload(b.text_lines))
+        if b.text is not None:
+            await copy.copy_text(table, b.columns, b.text)
             return
         c = self._stmts(b).insert(b.target.slot, b.columns)
         await copy.copy_records(table, b.columns, self._processed(c, b))
@@ -552,7 +564,7 @@ class BatchPlanner:
             f' DELETE FROM "{stage}"',
             (),
         )
-        if op == "upsert" and b.text_lines is None:
+        if op == "upsert" and b.text is None:
             # ON CONFLICT cannot touch one row twice: the last write of a key wins
             # (text lines are planned only for unique keys)
             rows = list({k: r for k, r in zip(b.keys, b.rows, strict=True)}.values())
@@ -572,6 +584,9 @@ class BatchPlanner:
                 return ins.on_conflict_do_nothing(index_elements=[phys.c[k] for k in pk])
 
             c = self._compiled(("pg-upsert", b.target.slot, b.columns, b.overwrite), build, dialect)
+            if getattr(conn, "server_version", 0) >= 15:
+                await self._merge(conn, b, stage, c.sql)
+                return b.inputs
         elif op == "update":
             sets = [col for col in b.columns if col not in pk]
             c = self._compiled(
@@ -587,6 +602,47 @@ class BatchPlanner:
             )
         affected = await conn.execute(c.sql, ())
         return b.inputs if op == "upsert" else affected
+
+    async def _merge(self, conn: Connection, b: _Batch, stage: str, on_conflict: str) -> None:
+        """Upsert the staged rows with MERGE (PostgreSQL 15+), else with ``on_conflict``.
+
+        MERGE joins the staged rows to the table once, where INSERT ... ON CONFLICT
+        makes a speculative insertion per row: measured, 100,000 rows half of them
+        existing, ~0.7x the time. But a key inserted concurrently by another
+        transaction fails MERGE's insert, where ON CONFLICT takes it as a conflict: on
+        any error but a lost connection the MERGE is rolled back to a savepoint and
+        the batch upserted with ``on_conflict``, so the outcome is ON CONFLICT's.
+        """
+        sql = self._merge_sql(b, stage)
+        try:
+            await conn.execute(f"SAVEPOINT dal_merge; {sql}", ())
+        except DalError as exc:
+            if isinstance(exc, ConnectionUnavailableError) or conn.broken:
+                raise
+            await conn.execute("ROLLBACK TO SAVEPOINT dal_merge", ())
+            await conn.execute(on_conflict, ())
+
+    def _merge_sql(self, b: _Batch, stage: str) -> str:
+        key = (b.target.slot, b.columns, b.overwrite)
+        hit = self._merge_cache.get(key)
+        if hit is None:
+            # Identifiers only: the declared table and column names, quoted by the dialect.
+            q = self._stmts(b).dialect.identifier_preparer.quote
+            pk = self.table.primary_key
+            phys = q(self.table.physical[b.target.slot].name)
+            sets = [c for c in (b.columns if b.overwrite is None else b.overwrite) if c not in pk]
+            on = " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in pk)
+            matched = (
+                f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{q(c)} = s.{q(c)}' for c in sets)}" if sets else ""
+            )
+            cols = ", ".join(q(c) for c in b.columns)
+            values = ", ".join(f"s.{q(c)}" for c in b.columns)
+            sql = (
+                f"MERGE INTO {phys} AS t USING {q(stage)} AS s ON {on}{matched}"
+                f" WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({values})"
+            )
+            hit = self._merge_cache[key] = sql
+        return hit
 
     async def _apply_generic(self, op: Op, conn: Connection, b: _Batch, *, mysql: bool) -> int:
         st = self._stmts(b)
@@ -613,6 +669,81 @@ class BatchPlanner:
             p.update({f"v_{col}": values[col] for col in sets})
             params.append(c.params(p))
         return await conn.execute_many(c.sql, params)
+
+
+class _TextFeed:
+    """One batch's COPY text: an async iterable of chunks for asyncpg's ``copy_to_table``.
+
+    When it has no chunk ready it has its :class:`_TextSource` render the next rows
+    (synchronously): rendering is driven by the COPYs that are sending, and the
+    batches still queued collect their chunks meanwhile.
+    """
+
+    __slots__ = ("chunks", "missing", "source")
+
+    def __init__(self, rows: int) -> None:
+        self.chunks: collections.deque[memoryview] = collections.deque()
+        self.missing = rows  # rows not rendered yet
+        self.source: _TextSource | None = None
+
+    def __aiter__(self) -> _TextFeed:
+        return self
+
+    async def __anext__(self) -> memoryview:
+        while not self.chunks:
+            if not self.missing or self.source is None:
+                raise StopAsyncIteration
+            self.source.step()
+        return self.chunks.popleft()
+
+
+class _TextSource:
+    """Renders a call's rows as COPY text ``CHUNK`` rows at a time, in the caller's
+    order (where the values lie in memory: rendered after grouping by slot, the same
+    work costs twice), handing each batch the lines of its rows as they come."""
+
+    CHUNK = 8192
+
+    def __init__(
+        self, columns: list[list[Any]], forms: list[Form], slots: list[int], batch_size: int,
+        feeds: dict[int, list[_TextFeed]],
+    ) -> None:
+        self.columns = columns
+        self.forms = forms
+        self.slots = slots
+        self.batch_size = batch_size
+        self.feeds = feeds
+        self.filled = dict.fromkeys(feeds, 0)  # rows of each slot rendered so far
+        self.pos = 0
+        for fs in feeds.values():
+            for f in fs:
+                f.source = self
+
+    def step(self) -> None:
+        start, end = self.pos, min(self.pos + self.CHUNK, len(self.slots))
+        if start >= end:
+            return
+        self.pos = end
+        lines = text_lines([c[start:end] for c in self.columns], self.forms)
+        size = self.batch_size
+        by_slot = _by_slot(self.slots[start:end], max(self.feeds) + 1, lines)
+        for slot, feeds in self.feeds.items():
+            ls = by_slot[slot]
+            done = self.filled[slot]
+            i = 0
+            while i < len(ls):
+                feed = feeds[done // size]
+                part = ls[i : i + size - done % size]
+                feed.chunks.append(text_payload(part))
+                feed.missing -= len(part)
+                done += len(part)
+                i += len(part)
+            self.filled[slot] = done
+
+    def run(self) -> None:
+        """Render every row now."""
+        while self.pos < len(self.slots):
+            self.step()
 
 
 def _by_slot(slots: list[int], n: int, values: Iterable[Any]) -> list[list[Any]]:
@@ -832,7 +963,7 @@ async def run_many(
 ) -> BatchResult:
     planner = BatchPlanner(repo)
     items = list(items)
-    batches = planner.plan(op, items, batch_size)
+    batches = planner.plan(op, items, batch_size, stream=True)
     result = await planner.run(op, batches, atomic=atomic, rows=len(items))
     if result.failures and raise_on_error:
         raise BatchError(result)

@@ -3,8 +3,8 @@
 A bulk load spends most of its client CPU encoding values. Built column by
 column with C-level ``map`` calls, the text form of the common types (int,
 Decimal, bool, str, NULL) costs far less than asyncpg's per-value binary
-encoders, and the server parses it as fast. Other types return ``None`` and go
-as binary records.
+encoders, and the server parses it as fast. Other types get no text form
+(:func:`text_forms` returns ``None``) and go as binary records.
 """
 
 from __future__ import annotations
@@ -18,22 +18,21 @@ from typing import Any
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _BOOL_TEXT = {True: "t", False: "f"}
 _NULL = "\\N"
-# The Python types whose str() is exactly what PostgreSQL's input function of a
+# The Python types whose text is exactly what PostgreSQL's input function of a
 # column validated for them parses back to the same value (int: integer and
-# numeric columns; Decimal: numeric; bool via _BOOL_TEXT).
+# numeric columns; Decimal: numeric; bool: boolean).
 _TEXT_FORMS: dict[type, Callable[[Any], str]] = {int: int.__repr__, Decimal: Decimal.__str__, bool: _BOOL_TEXT.__getitem__}
 
+Form = Callable[[Any], str] | None
+"""How one column's values become text (``None``: they are text already)."""
 
-def copy_text_lines(columns: Sequence[Sequence[Any]]) -> list[str] | None:
-    """Rows, given column by column, as lines of COPY's text format (without the newline).
 
-    ``None`` when a column holds a type without an exact text form here, or a
-    string UTF-8 cannot encode (a lone surrogate): the caller COPYs binary
-    records instead, whose encoder reports it. Each column is converted by
-    C-level ``map`` calls, so a bulk load spends far less CPU here than
-    asyncpg's per-value binary encoders do.
-    """
-    texts: list[Sequence[str]] = []
+def text_forms(columns: Sequence[Sequence[Any]]) -> list[Form] | None:
+    """How to render each column (all its values) as COPY text, or ``None`` when
+    one cannot be: a type without an exact text form here, two types in one
+    column, or a string UTF-8 cannot encode (a lone surrogate; binary encoding
+    reports it)."""
+    forms: list[Form] = []
     for values in columns:
         kinds = set(map(type, values))
         nulls = type(None) in kinds
@@ -41,35 +40,43 @@ def copy_text_lines(columns: Sequence[Sequence[Any]]) -> list[str] | None:
         if len(kinds) > 1:
             return None
         kind = kinds.pop() if kinds else str
+        form: Form
         if kind is str:
-            present = [v for v in values if v is not None] if nulls else values
-            joined = "".join(present)
+            joined = "".join([v for v in values if v is not None] if nulls else values)
             if not joined.isascii():
                 try:
                     joined.encode()
                 except UnicodeEncodeError:
                     return None
             if "\\" in joined or "\n" in joined or "\r" in joined or "\t" in joined:
-                form: Callable[[Any], str] = operator.methodcaller("translate", _TEXT_ESCAPES)
-            elif not nulls:
-                texts.append(values)
-                continue
+                form = operator.methodcaller("translate", _TEXT_ESCAPES)
             else:
-                form = str
+                form = None
         else:
-            found = _TEXT_FORMS.get(kind)
-            if found is None:
+            form = _TEXT_FORMS.get(kind)
+            if form is None:
                 return None
-            form = found
         if nulls:
-            texts.append([_NULL if v is None else form(v) for v in values])
-        else:
-            texts.append(list(map(form, values)))
+            form = _or_null(form)
+        forms.append(form)
+    return forms
+
+
+def _or_null(form: Form) -> Callable[[Any], str]:
+    if form is None:
+        return lambda v: _NULL if v is None else v
+    inner = form
+    return lambda v: _NULL if v is None else inner(v)
+
+
+def text_lines(columns: Sequence[Sequence[Any]], forms: Sequence[Form]) -> list[str]:
+    """Rows, given column by column, as lines of COPY's text format (without the newline)."""
+    texts = [values if form is None else list(map(form, values)) for values, form in zip(columns, forms, strict=True)]
     return list(map("\t".join, zip(*texts)))  # noqa: B905 - columns of one length
 
 
-def copy_text_payload(lines: Sequence[str]) -> memoryview:
-    """Lines of :func:`copy_text_lines` as one COPY payload.
+def text_payload(lines: Sequence[str]) -> memoryview:
+    """Lines of :func:`text_lines` as COPY data.
 
     A memoryview: asyncpg's ``copy_to_table`` would take ``bytes`` for a file path.
     """

@@ -9,7 +9,7 @@ transaction is an explicit ``BEGIN`` ... ``COMMIT``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -83,11 +83,12 @@ def _rowcount(status: str) -> int:
 
 
 class PostgresConnection:
-    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used")
+    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used", "server_version")
 
     def __init__(self, conn: asyncpg.Connection, node: str) -> None:
         self._conn = conn
         self._node = node
+        self.server_version: int = conn.get_server_version().major
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
@@ -125,10 +126,10 @@ class PostgresConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
-    async def copy_text(self, table: str, columns: Sequence[str], payload: memoryview) -> None:
-        """COPY a text-format payload (see :mod:`dal.backends.copytext`) into ``table``."""
+    async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
+        """COPY text-format data (see :mod:`dal.backends.copytext`) into ``table``."""
         try:
-            await self._conn.copy_to_table(table, source=payload, columns=list(columns), format="text")
+            await self._conn.copy_to_table(table, source=source, columns=list(columns), format="text")
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
