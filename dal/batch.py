@@ -9,23 +9,27 @@ fastest correct form per backend:
 ============  ==============================  ==================================
 backend       insert                          upsert / update / delete
 ============  ==============================  ==================================
-PostgreSQL    COPY (binary)                   COPY into a temporary staging table,
-                                              then one INSERT ... ON CONFLICT /
-                                              UPDATE ... FROM / DELETE ... USING
+PostgreSQL    COPY: text format when every    COPY into a temporary staging table,
+              value is an int, Decimal, bool  then one MERGE (15+; INSERT ... ON
+              str or NULL, else binary        CONFLICT before, or when MERGE fails)
+                                              / UPDATE ... FROM / DELETE ... USING
 MySQL         multi-row INSERT (executemany)  multi-row INSERT ... ON DUPLICATE KEY
                                               UPDATE / UPDATE ... JOIN (rows) /
                                               DELETE ... IN
 SQLite        executemany                     executemany
 ============  ==============================  ==================================
 
-Batches on different shard databases run concurrently (``fanout_concurrency``
-at a time), at most two at a time on one database. A failed batch is rolled back as a whole and reported with the keys
-it held and, for duplicates, exactly which keys already existed; batches that
-committed are reported as committed. If the connection is lost while COMMIT
-is in flight, the outcome is checked on the primary (inserts: are the rows
-there?) before it is reported, so a row is never reported both failed and
-written. With ``atomic=True`` the whole call is one transaction, allowed only
-when every row lands on one shard database.
+COPY text is rendered a chunk of rows at a time while the first batches are
+sent, so the client's work overlaps the server's. Batches on different shard
+databases run concurrently (``fanout_concurrency`` at a time), at most
+``STREAMS_PER_DATABASE`` (two) at a time on one database. A failed batch is
+rolled back as a whole and reported with the keys it held and, for
+duplicates, exactly which keys already existed; batches that committed are
+reported as committed. If the connection is lost while COMMIT is in flight,
+the outcome is checked on the primary (inserts: are the rows there?) before it
+is reported, so a row is never reported both failed and written. With
+``atomic=True`` the whole call is one transaction, allowed only when every
+row lands on one shard database.
 
 :class:`BatchWriter` coalesces single-row writes from many coroutines
 (write-behind): each caller's ``await`` returns when its row is committed or

@@ -19,7 +19,7 @@ Operations are rows: ratios are dal's time per row / the baseline's.
   (``conn.copy_records_to_table`` of the same rows as tuples into one table)
   and ``asyncpg.row_autocommit`` (``await conn.execute(INSERT ...)`` row by
   row in autocommit on one connection, on a sample of ``bulk_sample`` rows).
-* ``pg.insert_many:b1000``: the same with the default ``batch_size=1000``.
+* ``pg.insert_many:b1000``: the same with ``batch_size=1000`` (104 small batches).
 * ``pg.upsert_many``: ``await repo.upsert_many(rows, batch_size=B)`` of new
   values for every row, half of which (the even ids) exist (loaded untimed
   before each round), against ``asyncpg.copy`` of the rows into an empty table.
@@ -57,7 +57,7 @@ BULK_SHARDS = 8
 BULK_DATABASES = 2
 BULK_COLUMNS = ("id", "name", "amount", "flag")
 MYSQL_CHUNK = 1000  # rows per executemany of the aiomysql baseline
-DEFAULT_BATCH = 1000  # insert_many's default batch_size (the :b1000 scenario)
+SMALL_BATCH = 1000  # batch_size of the :b1000 scenario
 WRITER_FIRST_ID = 1_000_000_000  # ids of the write-behind scenario: clear of the bulk loads'
 
 Load = Callable[[], Awaitable[Sequence[int]]]
@@ -278,7 +278,7 @@ async def pg_bulk_scenarios(
     for name in wanted:
         spec = SCENARIOS[name]
         if name in ("pg.insert_many", "pg.insert_many:b1000"):
-            size = per_table if name == "pg.insert_many" else DEFAULT_BATCH
+            size = per_table if name == "pg.insert_many" else SMALL_BATCH
             dal_info = _bulk_info(opts, size)
             out[name] = Bulk(
                 name=name,

@@ -370,7 +370,7 @@ def _notes(settings: Settings, names: Sequence[str]) -> list[str]:
         f"load per contender, then {t.rounds} rounds of one load each, alternating; ratio = dal's time per "
         "row / the baseline's; p50/p99 = latency of one call (rows_per_call rows)",
         "pg.insert_many / pg.upsert_many / mysql.insert_many: batch_size = the largest physical table's share "
-        "(one batch per physical table); pg.insert_many:b1000 uses insert_many's default batch_size=1000",
+        "(one batch per physical table); pg.insert_many:b1000 uses batch_size=1000 (small batches, one transaction each)",
         f"asyncpg.copy: one copy_records_to_table of the same rows (tuples) into one table; "
         f"asyncpg.row_autocommit: await conn.execute(INSERT) per row on one connection (autocommit), the "
         f"first {o.bulk_sample:,} rows; aiomysql.executemany: executemany of 1,000-row chunks (rewritten "
