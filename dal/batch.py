@@ -239,8 +239,8 @@ class BatchPlanner:
             return None
         keys = rows[0].keys()
         width = len(keys)
-        if not all(map(width.__eq__, map(len, rows))):
-            return None  # (equal sizes + every column found below = same keys)
+        if sum(map(len, rows)) != width * len(rows):
+            return None  # (every column found below, so no row is shorter: same keys)
         names = list(keys)
         if any(type(n) is not str or n not in t._checkers for n in names):
             return None
@@ -260,7 +260,7 @@ class BatchPlanner:
         shard = cols[t.shard_key]
         kinds = set(map(type, shard))
         if kinds == {int}:
-            encoded: Iterable[bytes] = map(str.encode, map(str, shard))
+            encoded: Iterable[bytes] = map(b"%d".__mod__, shard)  # = str(key).encode()
         elif kinds == {str}:
             encoded = map(str.encode, shard)
         else:

@@ -83,8 +83,12 @@ def _result_processor(type_: Any, dialect: Dialect) -> Processor | None:
     comes back as ``numeric`` (OID 1700), of a Float type as ``float8`` (701).
     """
     coltype = None
-    if dialect.name == "postgresql" and isinstance(type_, sa.Numeric):
-        coltype = 701 if isinstance(type_, sa.Float) else 1700
+    if dialect.name == "postgresql":
+        # (SQLAlchemy 2.1's Float is no longer a Numeric: test it first, on its own)
+        if isinstance(type_, sa.Float):
+            coltype = 701
+        elif isinstance(type_, sa.Numeric):
+            coltype = 1700
     proc: Processor | None = type_._cached_result_processor(dialect, coltype)
     return proc
 

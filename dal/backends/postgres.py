@@ -34,7 +34,9 @@ from .base import Row
 
 # InternalClientError: asyncpg's state machine after the server's FATAL arrived on an
 # idle connection ("cannot switch to state ..."): the connection is gone.
-_ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientError, OSError)
+# UnicodeEncodeError: a str value UTF-8 cannot encode (a lone surrogate), raised bare
+# by asyncpg's binary COPY encoder.
+_ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientError, OSError, UnicodeEncodeError)
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
@@ -54,7 +56,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
         return ReadOnlyError(msg)
     if isinstance(exc, pgx.UndefinedTableError | pgx.UndefinedColumnError):
         return SchemaMismatchError(msg)
-    if isinstance(exc, pgx.DataError | pgx._base.DataError):  # server class 22 / client-side encode
+    if isinstance(exc, pgx.DataError | pgx._base.DataError | UnicodeEncodeError):  # server class 22 / client-side encode
         return DataError(msg)
     if isinstance(
         exc,
@@ -158,6 +160,16 @@ class PostgresConnection:
         return err
 
 
+def _jsonb_encode(text: str) -> bytes:
+    return b"\x01" + text.encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    if data[:1] != b"\x01":
+        raise ValueError(f"unknown jsonb binary format version {data[:1]!r}")
+    return json.loads(data[1:])
+
+
 async def connect(spec: NodeSpec) -> PostgresConnection:
     url = spec.dsn.url
     query = dict(url.query)
@@ -181,7 +193,13 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
             err = ConnectionUnavailableError(f"{spec.name}: cannot connect: {exc}")
         raise err from exc
     # json/jsonb arrive as text by default; SQLAlchemy's JSON type expects the
-    # driver to decode them (its bind side already encodes to text).
-    for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, encoder=str, decoder=json.loads, schema="pg_catalog")
+    # driver to decode them (its bind side already encodes to text). Binary codecs,
+    # because binary COPY has no other: json's binary form is its text, jsonb's is
+    # a version byte (1) and the text.
+    await conn.set_type_codec(
+        "json", encoder=str.encode, decoder=json.loads, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
+    )
     return PostgresConnection(conn, spec.name)

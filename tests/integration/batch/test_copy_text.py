@@ -16,6 +16,7 @@ the text path must agree with.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from dal import BatchError, ConnectionUnavailableError, DataError, DataLayer
 from dal.backends.postgres import PostgresConnection
@@ -81,6 +83,7 @@ def copy_metadata() -> sa.MetaData:
         "docs", md,
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
         sa.Column("doc", sa.JSON),
+        sa.Column("docb", postgresql.JSONB().with_variant(sa.JSON(), "mysql", "sqlite")),
     )
     sa.Table(
         "floats", md,
@@ -458,12 +461,6 @@ async def test_types_without_text_form_fall_back(clay: DataLayer, raw: Raw, copi
 
 
 @only_pg
-@pytest.mark.skip(
-    reason="dal bug: insert_many/upsert_many on PostgreSQL fail every batch that gives a JSON column "
-    "(even all-None): COPY binary records need a binary json encoder, but dal registers a text-format "
-    "codec (set_type_codec(..., encoder=str)); asyncpg raises InternalClientError 'no binary format "
-    "encoder for type json (OID 114)', which dal reports as ConnectionUnavailableError"
-)
 async def test_json_column(clay: DataLayer, raw: Raw, copies: Counter[str]) -> None:
     """JSON values go binary and round-trip with their JSON type (a JSON string is never sent
     as bare COPY text: "42" stays a string, "\\N" is not NULL)."""
@@ -472,7 +469,7 @@ async def test_json_column(clay: DataLayer, raw: Raw, copies: Counter[str]) -> N
     all_slots(ids)
     strings = ["a", "\\N", "x\ty", "42", ""]
     for base, values in enumerate((DOCS, strings)):
-        rows = [{"id": i + 1000 * base, "doc": values[i % len(values)]} for i in ids]
+        rows = [{"id": i + 1000 * base, "doc": values[i % len(values)], "docb": values[-i % len(values)]} for i in ids]
         res = await docs.insert_many(rows, batch_size=4)
         assert_ok(res, len(rows))
         expect_path("postgresql", copies, text=0, records=res.batches)
@@ -481,21 +478,25 @@ async def test_json_column(clay: DataLayer, raw: Raw, copies: Counter[str]) -> N
         assert got == want
         for i, r in want.items():
             assert type(got[i]["doc"]) is type(r["doc"])  # True is not 1, "42" is not 42
+            assert type(got[i]["docb"]) is type(r["docb"])
         # Raw: the stored JSON text, parsed here (no codec of dal's or SQLAlchemy's involved).
-        on_disk = await physical(raw, "docs", ("id", "doc::text"))
-        assert {i: {"id": i, "doc": json.loads(r["doc::text"])} for i, r in on_disk.items() if i in want} == want
+        on_disk = await physical(raw, "docs", ("id", "doc::text", "docb::text"))
+        assert {
+            i: {"id": i, "doc": json.loads(r["doc::text"]), "docb": json.loads(r["docb::text"])}
+            for i, r in on_disk.items()
+            if i in want
+        } == want
+    # one row at a time too (binary parameters, binary results)
+    one = {"id": 5000, "doc": {"k": [1, "x\ty"]}, "docb": {"k": None}}
+    await docs.insert(one)
+    assert await docs.get(5000) == one
+    assert await docs.find({"id": 5000}) == [one]
 
 
 FLOATS = [0.1, -0.0, 1e308, 5e-324, math.inf, -math.inf, 1 / 3, None]
 
 
 @only_pg
-@pytest.mark.skip(
-    reason="dal bug: with SQLAlchemy 2.1 sa.Float is no longer a subclass of sa.Numeric, so "
-    "dal.sql._result_processor passes coltype=None for a Float column and "
-    "layer.repository() of any PostgreSQL table with a Float column raises TypeError "
-    "('%d format: a real number is required, not NoneType')"
-)
 async def test_float_column(clay: DataLayer, raw: Raw, copies: Counter[str]) -> None:
     """Floats go binary; ints or Decimals alone in a Float column go as text and read
     back as the nearest double; ints mixed with floats go binary."""
@@ -571,13 +572,6 @@ async def test_lone_surrogate_fails_its_batch_only(
 
 
 @only_pg
-@pytest.mark.skip(
-    reason="dal bug: a lone surrogate in a non-key str column makes asyncpg's binary COPY raise a bare "
-    "UnicodeEncodeError, which dal.batch._transaction reports as ConnectionUnavailableError "
-    "('connection lost or in an unknown state') and flags the connection broken; Repository.insert "
-    "of the same row raises DataError, and BatchWriter does not split a batch failing with "
-    "ConnectionUnavailableError, so the bad row fails every row queued with it"
-)
 async def test_lone_surrogate_is_a_data_error(clay: DataLayer) -> None:
     _, res = await insert_with_surrogate(clay, raise_on_error=False)
     (f,) = res.failures
@@ -585,6 +579,23 @@ async def test_lone_surrogate_is_a_data_error(clay: DataLayer) -> None:
     assert not isinstance(f.error, ConnectionUnavailableError)
     with pytest.raises(DataError):  # the single-row path agrees
         await clay.repository("texts").insert({"id": 10_001, "note": "ok\ud800ok"})
+
+
+@only_pg
+async def test_lone_surrogate_fails_only_its_writer_caller(clay: DataLayer) -> None:
+    """A DataError is the row's fault: the BatchWriter splits the batch and fails that caller alone."""
+    texts = clay.repository("texts")
+    ids = list(range(20_001, 20_041))
+    rows = text_rows(ids)
+    bad = ids[17]
+    rows[17]["note"] = "ok\ud800ok"
+    async with texts.writer(max_rows=40, max_delay=0.05) as writer:
+        outcomes = await asyncio.gather(*(writer.insert(r) for r in rows), return_exceptions=True)
+    failed = {i: o for i, o in zip(ids, outcomes, strict=True) if o is not None}
+    assert list(failed) == [bad], failed
+    assert isinstance(failed[bad], DataError)
+    got = await texts.get_many(ids, primary=True)
+    assert sorted(got) == [i for i in ids if i != bad]
 
 
 # --------------------------------------------------------------------------- upsert
