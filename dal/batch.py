@@ -697,7 +697,8 @@ class _TextFeed:
         while not self.chunks:
             if not self.missing or self.source is None:
                 raise StopAsyncIteration
-            self.source.step()
+            if not self.source.step():
+                raise RuntimeError(f"COPY text source ended {self.missing} rows short")  # a bug, not bad input
         return self.chunks.popleft()
 
 
@@ -723,10 +724,11 @@ class _TextSource:
             for f in fs:
                 f.source = self
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Render the next chunk of rows; ``False`` when every row is rendered already."""
         start, end = self.pos, min(self.pos + self.CHUNK, len(self.slots))
         if start >= end:
-            return
+            return False
         self.pos = end
         lines = text_lines([c[start:end] for c in self.columns], self.forms)
         size = self.batch_size
@@ -743,6 +745,7 @@ class _TextSource:
                 done += len(part)
                 i += len(part)
             self.filled[slot] = done
+        return True
 
     def run(self) -> None:
         """Render every row now."""
