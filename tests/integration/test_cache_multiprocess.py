@@ -267,7 +267,13 @@ def test_stampede_one_cold_key_one_query(pg: PgReplicaSet, ns: str, slow_db: boo
     processes must wait on its Redis lease (lease_wait 3 s) instead of loading."""
     table, shards, key = f"stamp_{ns}", 1, 42
     policy = {"lease_wait": 3.0, "lease_ttl": 5.0} if slow_db else {}
-    cfg = config(table, primary=pg.primary_dsn, redis=REDIS_URL, namespace=ns, shards=shards, pool_max=4, **policy)
+    # Redis timeout 2 s (default 0.25 s): 4 processes x 1,000 tasks released at once on a
+    # 2-core machine can stall an event loop past 0.25 s, and a process whose Redis call
+    # times out rightly loads from the database itself, which is not what this measures.
+    cfg = config(
+        table, primary=pg.primary_dsn, redis=REDIS_URL, namespace=ns, shards=shards, pool_max=4,
+        cache={"timeout": 2.0}, **policy,
+    )
     create_table(pg.primary_dsn, table, shards, range(1, 101))
     phys = physical_tables(table, shards)[0]
     specs = [{"config": cfg, "table": table, "key": key, "n": 1000, "expect": seed_row(key)} for _ in range(4)]
