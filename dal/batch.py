@@ -248,7 +248,8 @@ class BatchPlanner:
             cols = {n: list(map(operator.itemgetter(n), rows)) for n in names}
         except KeyError:
             return None
-        if not all(t.column_ok(n, cols[n]) for n in names):
+        kinds = {n: set(map(type, cols[n])) for n in names}
+        if not all(t.column_ok(n, cols[n], kinds[n]) for n in names):
             return None
         from dal.schema import _default_value
 
@@ -258,10 +259,10 @@ class BatchPlanner:
         if any(name not in cols for name in t._required) or not all(c in cols for c in t.primary_key):
             return None
         shard = cols[t.shard_key]
-        kinds = set(map(type, shard))
-        if kinds == {int}:
+        shard_kinds = kinds.get(t.shard_key) or set(map(type, shard))  # (a default fills it: not in kinds)
+        if shard_kinds == {int}:
             encoded: Iterable[bytes] = map(b"%d".__mod__, shard)  # = str(key).encode()
-        elif kinds == {str}:
+        elif shard_kinds == {str}:
             encoded = map(str.encode, shard)
         else:
             return None
@@ -284,7 +285,7 @@ class BatchPlanner:
         used = sorted(set(slots))
         keys_by_slot = _by_slot(slots, n, keys_list)
         targets = self.repo._primary_targets
-        forms = self._text_forms(used, columns, cols)
+        forms = self._text_forms(used, columns, cols, kinds)
         if forms is not None:
             # PostgreSQL: COPY text, rendered while the first batches are on the wire.
             feeds: dict[int, list[_TextFeed]] = {}
@@ -307,7 +308,9 @@ class BatchPlanner:
                 out.append(_Batch(targets[slot], recs[s : s + batch_size], ks[s : s + batch_size], columns, overwrite))
         return out
 
-    def _text_forms(self, slots: list[int], columns: tuple[str, ...], cols: dict[str, list[Any]]) -> list[Form] | None:
+    def _text_forms(
+        self, slots: list[int], columns: tuple[str, ...], cols: dict[str, list[Any]], kinds: dict[str, set[type]]
+    ) -> list[Form] | None:
         """How to render the rows as COPY text, when every slot is on PostgreSQL, every
         column is sent as is (no bind processor but the redundant Boolean one) and every
         value has a text form; else ``None`` (binary records)."""
@@ -321,7 +324,10 @@ class BatchPlanner:
             for name, p in zip(c.names, c.processors, strict=True)
         ):
             return None
-        return text_forms([cols[name] for name in columns])
+        return text_forms(
+            [cols[name] for name in columns],
+            [kinds.get(name) or set(map(type, cols[name])) for name in columns],  # (defaults: not in kinds)
+        )
 
     def _update_row(self, item: Any, index: int) -> dict[str, Any]:
         t = self.table

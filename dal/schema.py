@@ -370,18 +370,22 @@ class LogicalTable:
             encode_key(out[self.shard_key], table=self.name)
         return out
 
-    def column_ok(self, name: str, values: list[Any]) -> bool:
+    def column_ok(self, name: str, values: list[Any], kinds: set[type] | None = None) -> bool:
         """Whether every value fits column ``name`` (a fast check over a whole column).
 
+        ``kinds``: the set of the values' types, when the caller has it already.
         False says only that some value is bad; validate row by row to learn which.
         """
         kind = self._fast_kinds.get(name)
         nullable = self._nullable[name]
-        if nullable and None in values:
+        if kinds is None:
+            kinds = set(map(type, values))  # C-speed loop over the column
+        if nullable and type(None) in kinds:
             values = [v for v in values if v is not None]
+            kinds = kinds - {type(None)}
         if kind is not None and values:
             typ, lo, hi = kind
-            if set(map(type, values)) != {typ}:  # C-speed loop over the column
+            if kinds != {typ}:
                 return False
             if typ is str:
                 return hi is None or max(map(len, values)) <= hi

@@ -27,14 +27,14 @@ Form = Callable[[Any], str] | None
 """How one column's values become text (``None``: they are text already)."""
 
 
-def text_forms(columns: Sequence[Sequence[Any]]) -> list[Form] | None:
+def text_forms(columns: Sequence[Sequence[Any]], kinds_of: Sequence[set[type]] | None = None) -> list[Form] | None:
     """How to render each column (all its values) as COPY text, or ``None`` when
     one cannot be: a type without an exact text form here, two types in one
     column, or a string UTF-8 cannot encode (a lone surrogate; binary encoding
-    reports it)."""
+    reports it). ``kinds_of``: each column's set of value types, when known."""
     forms: list[Form] = []
-    for values in columns:
-        kinds = set(map(type, values))
+    for i, values in enumerate(columns):
+        kinds = set(map(type, values)) if kinds_of is None else set(kinds_of[i])
         nulls = type(None) in kinds
         kinds.discard(type(None))
         if len(kinds) > 1:
