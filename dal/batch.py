@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import operator
 import time
 import zlib
@@ -66,7 +67,7 @@ from dal.errors import (
     ValidationError,
 )
 from dal.routing.router import Target
-from dal.schema import as_mapping
+from dal.schema import _default_value, as_mapping
 from dal.sql import Compiled, compile_statement
 
 if TYPE_CHECKING:
@@ -791,15 +792,69 @@ async def _rollback(conn: Connection) -> None:
 # -- write-behind ---------------------------------------------------------------------------------
 
 
-@dataclass
 class _Pending:
-    op: Op
-    item: Any
-    future: asyncio.Future[None]
-    shape: tuple[Any, ...]  # (columns, overwrite): rows of one shape make one statement
-    slot: int = 0
-    key: Any = None
-    values: tuple[Any, ...] = ()  # validated, in the shape's column order
+    """One accepted row of a BatchWriter: its caller's future, and what its batch needs."""
+
+    __slots__ = ("future", "item", "key", "values")
+
+    def __init__(self, future: asyncio.Future[None], item: Any, key: Any, values: tuple[Any, ...]) -> None:
+        self.future = future
+        self.item = item
+        self.key = key
+        self.values = values  # validated, in the shape's column order
+
+
+Shape = tuple[tuple[str, ...], tuple[str, ...] | None]
+"""(columns, overwrite): the rows of one shape make one statement."""
+
+
+class _Run:
+    """Consecutive operations of one kind and one shape on one physical table, at most
+    ``max_rows``: the batch they will be sent in."""
+
+    __slots__ = ("items", "op", "shape")
+
+    def __init__(self, op: Op, shape: Shape, first: _Pending) -> None:
+        self.op = op
+        self.shape = shape
+        self.items = [first]
+
+
+class _TableQueue:
+    """One physical table's accepted rows, in order."""
+
+    __slots__ = ("busy", "rows", "runs", "timer")
+
+    def __init__(self) -> None:
+        self.runs: collections.deque[_Run] = collections.deque()
+        self.rows = 0  # in `runs`
+        self.busy = False  # a batch of this table is in flight
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _RowShape:
+    """How a dict row with one sequence of keys is validated and queued.
+
+    Worked out once per key sequence, so accepting a row costs one generated
+    read-and-check of its values (:meth:`LogicalTable.row_reader`) and the CRC32
+    of its shard key."""
+
+    __slots__ = ("defaults", "insert", "key", "read", "shard", "upsert")
+
+    def __init__(self, table: LogicalTable, names: tuple[str, ...], present: set[str]) -> None:
+        pk = table.primary_key
+        columns = tuple(c for c in table.columns if c in present)
+        given = tuple(c for c in columns if c in names)  # in declared order
+        self.read = table.row_reader(given)
+        # Python-side defaults of the columns not given, by position in `columns`, ascending
+        self.defaults = tuple(sorted((columns.index(n), d) for n, d in table._defaults if n not in names))
+        self.key = operator.itemgetter(*(columns.index(c) for c in pk))  # a scalar for a 1-column key
+        self.shard = -1 if table.shard_key is None else columns.index(table.shard_key)
+        self.insert: Shape = (columns, None)
+        self.upsert: Shape = (columns, tuple(c for c in columns if c in names and c not in pk))
+
+
+_SHAPES = 64  # key sequences of dict rows a BatchWriter keeps a _RowShape of
 
 
 class BatchWriter:
@@ -833,13 +888,19 @@ class BatchWriter:
             raise ValidationError("max_rows and max_pending must be >= 1, max_delay >= 0")
         self._planner = BatchPlanner(repo)
         self._table = repo._table
+        self._targets = repo._primary_targets
         self.max_rows = max_rows
         self.max_delay = max_delay
-        self._room = asyncio.Semaphore(max_pending)
-        self._queues: dict[int, list[_Pending]] = {}
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._max_pending = max_pending
+        # Backpressure: rows accepted and not yet settled (plus room handed to a waiter
+        # that has not taken it yet), and the callers waiting for room, in arrival order.
+        # While anyone waits, _held >= max_pending: a new caller queues up behind them.
+        self._held = 0
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._queues = [_TableQueue() for _ in self._table.placements]  # by slot
+        self._shapes: dict[tuple[str, ...], _RowShape] = {}
+        self._delete_shape: Shape = (self._table.primary_key, None)
         self._flushing: set[asyncio.Task[None]] = set()
-        self._busy: set[int] = set()  # physical tables with a batch in flight
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -850,78 +911,175 @@ class BatchWriter:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    # insert, upsert and delete: validate (a bad row fails its caller before it is
+    # queued), wait for room when max_pending rows wait, queue, wait for the commit.
+    # Written out in each rather than shared, to save a coroutine per row.
     async def insert(self, row: Mapping[str, Any] | Any) -> None:
-        await self._submit("insert", row)
+        accepted = self._accept("insert", row)
+        if self._held >= self._max_pending or self._room_waiters:
+            await self._wait_room()
+        # Not shielded: a caller that stops waiting leaves its accepted row queued.
+        await self._queue("insert", row, accepted)
 
     async def upsert(self, row: Mapping[str, Any] | Any) -> None:
-        await self._submit("upsert", row)
+        accepted = self._accept("upsert", row)
+        if self._held >= self._max_pending or self._room_waiters:
+            await self._wait_room()
+        await self._queue("upsert", row, accepted)
 
     async def delete(self, key: Any) -> None:
-        await self._submit("delete", key)
+        accepted = self._accept("delete", key)
+        if self._held >= self._max_pending or self._room_waiters:
+            await self._wait_room()
+        await self._queue("delete", key, accepted)
 
-    async def _submit(self, op: Op, item: Any) -> None:
-        if self._closed:
-            raise DalError("the BatchWriter is closed")
-        # Validate now: a bad row fails its caller before it is queued.
-        slot, key, data, given = self._planner._plan_row(op, item, 0)
-        t = self._table
-        columns = t.primary_key if op == "delete" else tuple(c for c in t.columns if c in data)
-        overwrite = tuple(c for c in columns if c in given and c not in t.primary_key) if op == "upsert" else None
-        await self._room.acquire()
-        if self._closed:
-            self._room.release()
-            raise DalError("the BatchWriter is closed")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(slot, [])
-        queue.append(_Pending(op, item, fut, (columns, overwrite), slot, key, tuple(data[c] for c in columns)))
-        if slot not in self._busy:
-            if len(queue) >= self.max_rows:
+    def _queue(self, op: Op, item: Any, accepted: tuple[int, Any, tuple[Any, ...], Shape]) -> asyncio.Future[None]:
+        """Queue an accepted row (its room taken); the future its caller waits on."""
+        slot, key, values, shape = accepted
+        self._held += 1
+        # (of the running loop, as loop.create_future() makes it, without a Python call per row)
+        fut: asyncio.Future[None] = asyncio.Future()
+        p = _Pending(fut, item, key, values)
+        q = self._queues[slot]
+        runs = q.runs
+        if runs:
+            run = runs[-1]
+            if (run.shape is shape or run.shape == shape) and run.op == op and len(run.items) < self.max_rows:
+                run.items.append(p)
+            else:
+                runs.append(_Run(op, shape, p))
+        else:
+            runs.append(_Run(op, shape, p))
+        q.rows += 1
+        if not q.busy:
+            if q.rows >= self.max_rows:
                 self._drain(slot)
-            elif slot not in self._timers:
-                self._timers[slot] = asyncio.get_running_loop().call_later(self.max_delay, self._drain, slot)
-        # Not shielded: a caller that stops waiting leaves its accepted row queued.
-        await fut
+            elif q.timer is None:
+                q.timer = asyncio.get_running_loop().call_later(self.max_delay, self._drain, slot)
+        return fut
+
+    def _accept(self, op: Op, item: Any) -> tuple[int, Any, tuple[Any, ...], Shape]:
+        """Validate one row (or key): its slot, key, values in the shape's column order, and shape.
+
+        A dict takes its key sequence's fast path (:class:`_RowShape`), which checks
+        what :meth:`LogicalTable.row_values` checks. A row it does not pass (or that
+        is no dict) goes through :meth:`BatchPlanner._plan_row`, as before: that
+        raises the row's error, naming the field."""
+        if self._closed:
+            raise DalError("the BatchWriter is closed")
+        t = self._table
+        if op == "delete":
+            slot, kv = t.locate_key(item)
+            return slot, item, kv, self._delete_shape
+        if type(item) is dict:
+            names = tuple(item)
+            shape = self._shapes.get(names)
+            if shape is None:
+                shape = self._shape_for(names)
+            if shape is not None and (values := shape.read(item)) is not None:
+                if shape.defaults:
+                    filled = list(values)
+                    for pos, default in shape.defaults:
+                        filled.insert(pos, _default_value(default))
+                    values = tuple(filled)
+                sharder = t.sharder
+                if sharder is None:
+                    slot = 0
+                else:
+                    v = values[shape.shard]
+                    # An int's bytes are its decimal digits (dal.routing.sharding's contract,
+                    # here without two calls per row); other keys through the sharder.
+                    slot = zlib.crc32(b"%d" % v) % sharder.slots if type(v) is int else self._slot(v)
+                if slot >= 0:
+                    return slot, shape.key(values), values, shape.insert if op == "insert" else shape.upsert
+        slot, key, data, given = self._planner._plan_row(op, item, 0)
+        columns = tuple(c for c in t.columns if c in data)
+        overwrite = tuple(c for c in columns if c in given and c not in t.primary_key) if op == "upsert" else None
+        return slot, key, tuple(data[c] for c in columns), (columns, overwrite)
+
+    def _slot(self, shard_value: Any) -> int:
+        """The slot of a shard key, or -1 when it is not a valid one (_plan_row raises it)."""
+        try:
+            return self._table.sharder.slot(shard_value)  # type: ignore[union-attr]
+        except ShardKeyError:
+            return -1
+
+    def _shape_for(self, names: tuple[Any, ...]) -> _RowShape | None:
+        """The fast path of dict rows with these keys (in this order), kept for the next
+        rows; ``None``: check them row by row (also when _SHAPES shapes are kept)."""
+        t = self._table
+        if len(self._shapes) >= _SHAPES or not names:
+            return None
+        if not all(type(n) is str and n in t._checkers for n in names):
+            return None
+        present = set(names).union(n for n, _ in t._defaults)
+        if not all(c in present for c in (*t._required, *t.primary_key)):
+            return None
+        shape = self._shapes[names] = _RowShape(t, names, present)
+        return shape
+
+    async def _wait_room(self) -> None:
+        """Wait for room for one row: _release hands it over (counts it in _held, for
+        nobody to take it meanwhile), and _queue, called next, counts it."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release(1)  # room was handed to this caller, who no longer takes it
+            else:
+                with contextlib.suppress(ValueError):
+                    self._room_waiters.remove(fut)
+            raise
+        self._held -= 1  # _queue takes it
+        if self._closed:
+            self._release(0)
+            raise DalError("the BatchWriter is closed")
+
+    def _release(self, n: int) -> None:
+        """``n`` rows settled: hand their room to the callers waiting for it, in order."""
+        self._held -= n
+        waiters = self._room_waiters
+        while waiters and self._held < self._max_pending:
+            w = waiters.popleft()
+            if not w.done():
+                self._held += 1
+                w.set_result(None)
 
     def _drain(self, slot: int) -> None:
         """Start writing a table's queue, unless a batch of it is in flight already."""
-        timer = self._timers.pop(slot, None)
-        if timer is not None:
-            timer.cancel()
-        if slot in self._busy or not self._queues.get(slot):
+        q = self._queues[slot]
+        if q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+        if q.busy or not q.runs:
             return
-        self._busy.add(slot)
-        task = asyncio.ensure_future(self._drain_loop(slot))
+        q.busy = True
+        task = asyncio.ensure_future(self._drain_loop(slot, q))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _drain_loop(self, slot: int) -> None:
+    async def _drain_loop(self, slot: int, q: _TableQueue) -> None:
         # One batch of a table at a time, in order: rows that arrive while one is in
         # flight form the next (so batches grow with the load, not with max_delay).
+        # A batch: the longest run of one kind of operation on one set of columns (one
+        # statement), at most max_rows: the runs _queue cuts as it accepts rows.
         try:
-            while queue := self._queues.get(slot):
-                # A batch: the longest run of one kind of operation on one set of
-                # columns (one statement), at most max_rows.
-                op, shape = queue[0].op, queue[0].shape
-                n = 0
-                while n < len(queue) and n < self.max_rows and queue[n].op == op and queue[n].shape == shape:
-                    n += 1
-                items, self._queues[slot] = queue[:n], queue[n:]
-                await self._write(op, items)
+            runs = q.runs
+            while runs:
+                run = runs.popleft()
+                q.rows -= len(run.items)
+                await self._write(run.op, run.items, slot, run.shape)
         finally:
-            self._busy.discard(slot)
+            q.busy = False
 
-    async def _write(self, op: Op, items: list[_Pending]) -> None:
+    async def _write(self, op: Op, items: list[_Pending], slot: int, shape: Shape) -> None:
         try:
             if op == "upsert":  # one batch, repeated keys folded as upsert_many does
                 (batch,) = self._planner.plan(op, [p.item for p in items], len(items))
             else:  # validated on submit: one shape, one physical table
-                first = items[0]
-                batch = _Batch(
-                    self._planner.repo._primary_targets[first.slot],
-                    [p.values for p in items],
-                    [p.key for p in items],
-                    first.shape[0],
-                )
+                batch = _Batch(self._targets[slot], [p.values for p in items], [p.key for p in items], shape[0])
             self.batches += 1
             await self._planner.execute(op, batch)
         except DalError as exc:
@@ -929,29 +1087,32 @@ class BatchWriter:
             # would not isolate anything, only multiply the attempts on a server that is
             # gone (starving the lookups of in-doubt COMMITs of connections).
             if len(items) == 1 or isinstance(exc, ConnectionUnavailableError):
-                for p in items:
-                    _settle(p.future, exc)
-                    self._room.release()
+                self._settle_all(items, exc)
                 return
             # Rolled back as a whole: split to isolate the rows that fail, in order
             # (of two inserts of one key, the first accepted wins).
             half = len(items) // 2
-            await self._write(op, items[:half])
-            await self._write(op, items[half:])
+            await self._write(op, items[:half], slot, shape)
+            await self._write(op, items[half:], slot, shape)
             return
         except BaseException as exc:
-            for p in items:
-                _settle(p.future, exc)
-                self._room.release()
+            self._settle_all(items, exc)
             raise
         self.rows += len(items)
         for p in items:
-            _settle(p.future, None)
-            self._room.release()
+            fut = p.future
+            if not fut.done():  # (a caller that stopped waiting)
+                fut.set_result(None)
+        self._release(len(items))
+
+    def _settle_all(self, items: list[_Pending], exc: BaseException) -> None:
+        for p in items:
+            _settle(p.future, exc)
+        self._release(len(items))
 
     async def flush(self) -> None:
         """Send everything queued now and wait for it."""
-        for slot in list(self._queues):
+        for slot in range(len(self._queues)):
             self._drain(slot)
         while self._flushing:
             await asyncio.gather(*list(self._flushing), return_exceptions=True)

@@ -400,6 +400,60 @@ class LogicalTable:
         check = self._checkers[name]
         return all(check(v) is None for v in values)
 
+    def row_reader(self, columns: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...] | None]:
+        """A fast read of one row's values of ``columns``, checked: the fast path of
+        single-row writes, where validating each row is per-row overhead.
+
+        The returned function takes a mapping holding every one of ``columns``
+        and returns its values as a tuple in that order when each passes its
+        column's checker (as :meth:`checked_values` checks it), else ``None``:
+        some value is bad, or of a kind tested only by its checker here; check
+        the row with :meth:`checked_values` to learn which. Columns with a fast
+        kind are tested inline (exact type, then the same bounds as their
+        checker, as :meth:`column_ok` does for a whole column); the others call
+        their checker.
+
+        The function is generated (one Python frame per row, where a call per
+        column costs several times as much). Its source holds only positions and
+        names bound in its namespace, never a column name or a value.
+        """
+        ns: dict[str, Any] = {"type": type, "len": len}
+        reads, tests = [], []
+        for i, name in enumerate(columns):
+            v = f"v{i}"
+            ns[f"k{i}"] = name
+            reads.append(f"    {v} = row[k{i}]\n")
+            kind = self._fast_kinds.get(name)
+            if kind is None:
+                ns[f"c{i}"] = self._checkers[name]
+                tests.append(f"c{i}({v}) is None")
+                continue
+            typ, lo, hi = kind
+            ns[f"t{i}"], ns[f"lo{i}"], ns[f"hi{i}"] = typ, lo, hi
+            test = f"type({v}) is t{i}"
+            if typ is int:
+                test += f" and lo{i} <= {v} <= hi{i}"
+            elif typ is str and hi is not None:
+                test += f" and len({v}) <= hi{i}"
+            elif typ is decimal.Decimal:  # bounds exclusive; NaN does not compare (caught below)
+                test += f" and lo{i} < {v} < hi{i}"
+            if self._nullable[name]:
+                test = f"{v} is None or {test}"
+            tests.append(f"({test})")
+        src = (
+            "def read(row):\n"
+            + "".join(reads)
+            + "    try:\n"
+            + f"        if {' and '.join(tests) or 'True'}:\n"
+            + f"            return ({''.join(f'v{i}, ' for i in range(len(columns)))})\n"
+            + "    except ArithmeticError:\n"
+            + "        pass\n"
+            + "    return None\n"
+        )
+        exec(src, ns)
+        fn: Callable[[Mapping[str, Any]], tuple[Any, ...] | None] = ns["read"]
+        return fn
+
     def update_values(self, values: object) -> dict[str, Any]:
         """Validate a partial row for update; the primary key cannot change."""
         data = as_mapping(values, self.name)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from dal import DalError, DataLayer, DuplicateKeyError, ValidationError
+from dal import DalError, DataLayer, DuplicateKeyError, UnknownColumnError, ValidationError
 from dal import batch as batch_mod
 from dal.batch import BatchWriter
 from tests.batch_support import SHARDS, Raw, expected_batches
@@ -167,6 +168,75 @@ async def test_closed_writer_and_bad_rows(lay: DataLayer, raw: Raw) -> None:
         with pytest.raises(DalError, match="closed"):
             await call
     assert set(await raw.users()) == {2}
+
+
+async def test_each_row_is_checked_before_it_is_queued(lay: DataLayer, raw: Raw) -> None:
+    """Concurrent callers with bad rows among good ones, in several key orders and
+    column sets: each bad row fails its own caller with an error naming the field
+    (a validation error, not a database error: it never reached a batch), and each
+    good one, unusual values included, is written as given (defaults filled in)."""
+    users, orders = lay.repository("users"), lay.repository("orders")
+    bad_users: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"id": 1, "name": "x" * 65}, ValidationError, "users.name"),  # too long
+        ({"id": 2, "name": 5}, ValidationError, "users.name"),  # not a str
+        ({"id": 3, "name": None}, ValidationError, "users.name"),  # NOT NULL
+        ({"id": 4}, ValidationError, "users.name"),  # required, missing
+        ({"id": 5, "name": "n", "age": 2**31}, ValidationError, "users.age"),  # out of INTEGER's range
+        ({"id": 6, "name": "n", "age": True}, ValidationError, "users.age"),  # a bool is no int here
+        ({"id": 7, "name": "n", "active": None}, ValidationError, "users.active"),
+        ({"id": 8, "name": "n", "bogus": 1}, UnknownColumnError, "bogus"),
+        ({"id": 9.0, "name": "n"}, ValidationError, "users.id"),
+        ({"name": "n", "id": "10"}, ValidationError, "users.id"),
+    ]
+    good_users = [
+        {"id": 21, "name": "a"},  # active: the column default
+        {"name": "b", "id": 22},  # the same columns in another order
+        {"id": 23, "name": "c", "email": None, "age": None, "active": False},
+        {"id": 24, "name": "x" * 64, "age": -(2**31), "email": "e" * 128},  # at the limits
+        {"active": True, "age": 2**31 - 1, "name": "d", "id": 2**63 - 1},
+    ]
+    bad_orders: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"user_id": 1, "order_id": 1, "amount": Decimal("NaN")}, ValidationError, "orders.amount"),
+        ({"user_id": 1, "order_id": 2, "amount": Decimal("1e10")}, ValidationError, "orders.amount"),  # NUMERIC(12, 2)
+        ({"user_id": 1, "order_id": 3, "amount": "1.00"}, ValidationError, "orders.amount"),
+        ({"user_id": 1, "order_id": 2**31, "amount": 1}, ValidationError, "orders.order_id"),
+    ]
+    good_orders = [
+        {"user_id": 2, "order_id": 1, "amount": Decimal("9999999999.99")},
+        {"user_id": 2, "order_id": 2, "amount": 5, "note": None},  # an int for a NUMERIC column
+        {"note": "n", "amount": Decimal("-0.01"), "order_id": 3, "user_id": 2},
+    ]
+    w_users, w_orders = users.writer(max_delay=0.01), orders.writer(max_delay=0.01)
+    calls = [w_users.insert(r) for r, _, _ in bad_users] + [w_users.insert(r) for r in good_users]
+    calls += [w_orders.insert(r) for r, _, _ in bad_orders] + [w_orders.insert(r) for r in good_orders]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    await w_users.aclose()
+    await w_orders.aclose()
+    expected = [(t, f) for _, t, f in bad_users] + [None] * len(good_users)
+    expected += [(t, f) for _, t, f in bad_orders] + [None] * len(good_orders)
+    for got, want in zip(outcomes, expected, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            assert isinstance(got, want[0]) and want[1] in str(got), (got, want)
+    assert w_users.rows == len(good_users) and w_orders.rows == len(good_orders)
+    assert await raw.users() == {
+        21: {"id": 21, "name": "a", "email": None, "age": None, "active": True},
+        22: {"id": 22, "name": "b", "email": None, "age": None, "active": True},
+        23: {"id": 23, "name": "c", "email": None, "age": None, "active": False},
+        24: {"id": 24, "name": "x" * 64, "email": "e" * 128, "age": -(2**31), "active": True},
+        2**63 - 1: {"id": 2**63 - 1, "name": "d", "email": None, "age": 2**31 - 1, "active": True},
+    }
+    got_orders = {  # (SQLite keeps NUMERIC as a float)
+        (r[0], r[1]): (Decimal(str(r[2])).quantize(Decimal("0.01")), r[3])
+        for rows in (await raw.rows("orders", "user_id, order_id, amount, note")).values()
+        for r in rows
+    }
+    assert got_orders == {
+        (2, 1): (Decimal("9999999999.99"), None),
+        (2, 2): (Decimal(5), None),
+        (2, 3): (Decimal("-0.01"), "n"),
+    }
 
 
 async def test_max_delay_flushes_a_lone_row(lay: DataLayer, raw: Raw) -> None:
