@@ -274,3 +274,60 @@ async def test_commit_cut_off_is_resolved_on_the_restarted_primary(
     assert [type(f.error) for f in res.failures] == [CommitUnknownError]
     assert res.committed == 0
     await raw.aclose()
+
+
+async def test_in_doubt_commit_is_resolved_while_callers_hold_the_pool(
+    killable: tuple[PgReplicaSet | MariaDBReplicaSet, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup of a cut-off COMMIT does not wait for the pool.
+
+    One connection per database (``max_size=1``), and a second insert_many of the same
+    database queued for it: the batch whose COMMIT answer is lost still holds the only
+    pooled connection, so a lookup through the pool would wait behind the queued call
+    until in_doubt_timeout and report the outcome unknown. It looks on a connection of
+    its own: committed, and then the queued call runs.
+    """
+    rs, urls = killable
+    conn_cls = PostgresConnection if isinstance(rs, PgReplicaSet) else MySQLConnection
+    real_commit = conn_cls.commit
+    injected: list[bool] = []
+    restart: list[asyncio.Task[None]] = []
+
+    async def restart_after(delay: float) -> None:
+        await asyncio.sleep(delay)
+        await asyncio.to_thread(rs.start_primary)
+
+    async def commit(self: Any) -> None:
+        if injected:
+            return await real_commit(self)
+        injected.append(True)
+        await real_commit(self)  # took effect; the answer is "lost" with the server
+        await asyncio.to_thread(rs.kill_primary)
+        restart.append(asyncio.create_task(restart_after(0.5)))
+        raise ConnectionUnavailableError("injected: connection lost before the answer to COMMIT arrived")
+
+    cfg = topology(urls, TABLES, in_doubt_timeout=IN_DOUBT_TIMEOUT)
+    cfg["pool"].update(max_size=1, acquire_timeout=IN_DOUBT_TIMEOUT, connect_timeout=3.0)
+    on_slot0 = ids_on(lambda s: s == 0, 40)
+    raw = Raw(urls)
+    try:
+        async with DataLayer(cfg, users_orders_metadata(), env={}) as lay:
+            await lay.create_all()
+            monkeypatch.setattr(conn_cls, "commit", commit)
+            users = lay.repository("users")
+            first = asyncio.create_task(users.insert_many([user(i) for i in on_slot0[:20]], raise_on_error=False))
+            await asyncio.sleep(0)  # the first call takes the pool's connection
+            second = asyncio.create_task(users.insert_many([user(i) for i in on_slot0[20:]], raise_on_error=False))
+            t0 = time.monotonic()
+            res1 = await first
+            waited = time.monotonic() - t0
+            res2 = await second
+            await restart.pop()
+        assert injected == [True]
+        assert res1.ok and res1.committed == 20, (res1.failures, waited)
+        # The queued call got the pool once the first returned (its connection is
+        # discarded as broken; the pool opens a new one on the restarted primary).
+        assert res2.ok and res2.committed == 20, res2.failures
+        assert set(await raw.keys("users")) == set(on_slot0)
+    finally:
+        await raw.aclose()
