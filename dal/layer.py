@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.named_types import CreateEnumType, DropEnumType
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from dal.cluster import Cluster
@@ -225,9 +226,17 @@ class DataLayer:
             for placement, physical in zip(t.placements, t.physical, strict=True):
                 dialect = self._dialects[self.cluster.backend(placement.database)]
                 stmts = out[placement.database]
+                enums = _native_enums(physical, dialect)
                 if drop:
                     stmts.append(str(DropTable(physical, if_exists=True).compile(dialect=dialect)))
+                    # (a type another table still uses stays)
+                    stmts.extend(
+                        _ignoring(str(DropEnumType(e).compile(dialect=dialect)), "undefined_object OR dependent_objects_still_exist")
+                        for e in enums
+                    )
                     continue
+                # PostgreSQL's named enum types first (no CREATE TYPE IF NOT EXISTS: an existing one is kept)
+                stmts.extend(_ignoring(str(CreateEnumType(e).compile(dialect=dialect)), "duplicate_object") for e in enums)
                 stmts.append(str(CreateTable(physical, if_not_exists=True).compile(dialect=dialect)).strip())
                 for index in sorted(physical.indexes, key=lambda i: str(i.name)):
                     stmts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)))
@@ -248,3 +257,20 @@ class DataLayer:
                 await node.execute(stmt, ())
 
         await asyncio.gather(*(run(db, stmts) for db, stmts in ddl.items()))
+
+
+def _native_enums(table: sa.Table, dialect: Any) -> list[Any]:
+    """The named enum types ``table``'s columns need created first (PostgreSQL only), each once."""
+    if dialect.name != "postgresql":
+        return []
+    out: dict[str, Any] = {}
+    for col in table.columns:
+        typ = col.type
+        if isinstance(typ, sa.Enum) and typ.native_enum and typ.name:
+            out.setdefault(typ.name, typ.dialect_impl(dialect))
+    return list(out.values())
+
+
+def _ignoring(stmt: str, condition: str) -> str:
+    """``stmt`` in a PL/pgSQL block that ignores the error ``condition`` (a PostgreSQL condition name)."""
+    return f"DO $dal$ BEGIN {stmt}; EXCEPTION WHEN {condition} THEN NULL; END $dal$"

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from dal.config import Backend
-from dal.errors import ValidationError
+from dal.errors import DataError, ValidationError
 from dal.schema import LogicalTable
 
 
@@ -61,8 +61,16 @@ class Compiled:
         out = []
         for name, proc in zip(self.names, self.processors, strict=True):
             v = values[name] if name in values else self.defaults[name]
-            out.append(v if proc is None or v is None else proc(v))
+            out.append(v if proc is None or v is None else convert(proc, name, v))
         return tuple(out)
+
+
+def convert(proc: Processor, name: str, value: Any) -> Any:
+    """``proc(value)``; a value the column's bind processor cannot take is a DataError."""
+    try:
+        return proc(value)
+    except (TypeError, ValueError, AttributeError, ArithmeticError, LookupError) as exc:
+        raise DataError(f"{name}: cannot send {type(value).__name__} value: {type(exc).__name__}: {exc}") from exc
 
 
 def compile_statement(stmt: sa.ClauseElement, dialect: Dialect) -> Compiled:

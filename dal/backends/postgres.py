@@ -127,6 +127,10 @@ class PostgresConnection:
             await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A value asyncpg's binary encoder rejects (an aware datetime for a naive
+            # timestamp column, ...): asyncpg has sent CopyFail, the connection is fine.
+            raise DataError(f"{self._node}: {type(exc).__name__}: {exc}") from exc
 
     async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
         """COPY text-format data (see :mod:`dal.backends.copytext`) into ``table``."""

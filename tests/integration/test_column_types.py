@@ -59,7 +59,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import aiomysql.connection
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
@@ -69,17 +68,12 @@ from dal import (
     ConnectionUnavailableError,
     DalError,
     DataLayer,
-    QueryError,
     ValidationError,
 )
 from dal.batch import BatchPlanner
 from tests.batch_support import Raw, batch_urls
 from tests.cache_support import cache_topology, delete_ns, unique_namespace
 from tests.conftest import REDIS_URL, topology
-
-# aiomysql (0.3.2) escapes a bytes parameter with pymysql.converters.escape_bytes_prefixed,
-# which PyMySQL >= 1.2.3 turned into a placeholder string: TypeError for any bytes value.
-MYSQL_BYTES_BROKEN = isinstance(aiomysql.connection.escape_bytes_prefixed, str)
 
 SHARDS = 4
 TABLES: dict[str, Any] = {"typed": {"shard_key": "id", "table_shards": SHARDS}}
@@ -257,10 +251,6 @@ def rows_for(backend: str) -> list[dict[str, Any]]:
         "color": Color.GREEN,
     }
     rows = [typical, maxima, minima, nulls, odd]
-    if mysql and MYSQL_BYTES_BROKEN:
-        # bytes cannot be sent at all: test_bytes_on_mysql
-        for r in rows:
-            r["blob"] = None
     assert [r["id"] for r in rows] == list(IDS)
     assert all(tuple(r) == NAMES for r in rows)
     return rows
@@ -380,13 +370,11 @@ async def pg_enum_type(raw: Raw, *, create: bool) -> None:
 async def tlay(backend: str, urls: list[str], raw: Raw) -> AsyncIterator[DataLayer]:
     """A started layer with the ``typed`` table freshly created.
 
-    On PostgreSQL the enum type is created here first: ``DataLayer.create_all``
-    does not create it (see :func:`test_create_all_creates_the_enum_type`).
+    On PostgreSQL ``create_all`` creates the enum type too
+    (:func:`test_create_all_creates_the_enum_type`).
     """
     async with DataLayer(topology(urls, TABLES), typed_metadata(), env={}) as layer:
         await layer.drop_all()
-        if backend == "postgresql":
-            await pg_enum_type(raw, create=True)
         await layer.create_all()
         yield layer
         await layer.drop_all()
@@ -693,29 +681,8 @@ OTHER_TYPES: list[tuple[str, str, Any, Any, bool]] = [
     ("date<-datetime", "day", dt.datetime(2024, 1, 2, 3, 4, 5), dt.date(2024, 1, 2), False),
 ]
 
-_UUID_STR = (
-    "dal bug: a str for an sa.Uuid column passes dal's validation (schema._checker_for accepts "
-    "uuid.UUID or str), but where the UUID is stored as CHAR(32) (MySQL, SQLite) SQLAlchemy's bind "
-    "processor (which dal applies in sql.Compiled.params / BatchPlanner._processed) calls value.hex: "
-    "AttributeError: 'str' object has no attribute 'hex', raised unmapped by insert/update, and "
-    "insert_many reports it as ConnectionUnavailableError 'connection lost or in an unknown state'"
-)
-_MYSQL_BYTES_LIKE = (
-    "dal bug: a bytearray/memoryview for an sa.LargeBinary column passes dal's validation "
-    "(schema._checker_for accepts bytes, bytearray, memoryview) and is sent to aiomysql as is "
-    "(dal's compile-only MySQL dialect has no DBAPI, so LargeBinary has no bind processor); "
-    "PyMySQL's escape_item has no encoder for them and falls back to str(): MySQL silently "
-    "stores the text \"bytearray(b'\\x00ab\\xff')\" / \"<memory at 0x...>\" instead of the bytes"
-)
-# (case, backend) -> (reason, the exception the test fails with)
-OTHER_TYPES_BUGS: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
-    ("uuid<-str", "mysql"): (_UUID_STR, AttributeError),
-    ("uuid<-str", "sqlite"): (_UUID_STR, AttributeError),
-    ("uuid<-hex-str", "mysql"): (_UUID_STR, AttributeError),
-    ("uuid<-hex-str", "sqlite"): (_UUID_STR, AttributeError),
-    ("bytes<-bytearray", "mysql"): (_MYSQL_BYTES_LIKE, AssertionError),
-    ("bytes<-memoryview", "mysql"): (_MYSQL_BYTES_LIKE, AssertionError),
-}
+# (case, backend) -> (reason, the exception the test fails with): none known
+OTHER_TYPES_BUGS: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
 
 
 @pytest.mark.parametrize(
@@ -770,40 +737,8 @@ UNSTORABLE: list[tuple[str, str, Any, frozenset[str]]] = [
     ("enum-unknown-name", "color", "PURPLE", frozenset()),
     ("naive-datetime<-aware", "ts", dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=IST), frozenset({"mysql", "sqlite"})),
 ]
-_UNMAPPED = (
-    "dal bug: a value dal's validation accepts but SQLAlchemy's bind processor cannot convert "
-    "({what}) makes {single} raise {exc} unmapped (no DalError), and insert_many reports every "
-    "batch as ConnectionUnavailableError 'connection lost or in an unknown state' (batch.BatchPlanner"
-    "._transaction takes any non-DalError for a lost connection) and discards the connection"
-)
-# (case, backend) -> (reason, the exception the test fails with)
-UNSTORABLE_BUGS: dict[tuple[str, str], tuple[str, type[BaseException]]] = {
-    **{
-        ("json-set", b): (
-            _UNMAPPED.format(
-                what="json.dumps of a set", single="insert/update/upsert",
-                exc="TypeError 'Object of type set is not JSON serializable'",
-            ),
-            AssertionError,
-        )
-        for b in ("sqlite", "postgresql", "mysql")
-    },
-    ("enum-unknown-name", "sqlite"): (
-        "dal bug: dal does not validate sa.Enum values (schema._checker_for accepts anything for "
-        "types it does not know), and on SQLite the enum is a VARCHAR without CHECK: insert, "
-        "insert_many and update store 'PURPLE' without an error, after which every get/get_many/find "
-        "reading that row raises LookupError \"'PURPLE' is not among the defined enum values\" "
-        "(SQLAlchemy's result processor, unmapped): the row can no longer be read through dal",
-        pytest.fail.Exception,
-    ),
-    ("naive-datetime<-aware", "postgresql"): (
-        "dal bug: an aware datetime for a naive sa.DateTime column: insert/update raise DataError "
-        "(asyncpg: can't subtract offset-naive and offset-aware datetimes), but insert_many's binary "
-        "COPY reports it as ConnectionUnavailableError 'connection lost or in an unknown state' "
-        "(batch.BatchPlanner._transaction: the encoder's TypeError is no DalError)",
-        AssertionError,
-    ),
-}
+# (case, backend) -> (reason, the exception the test fails with): none known
+UNSTORABLE_BUGS: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
 
 
 @pytest.mark.parametrize(("case", "column", "value", "stored_on"), UNSTORABLE, ids=[c[0] for c in UNSTORABLE])
@@ -914,13 +849,6 @@ async def test_cached_reads(
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-@pytest.mark.xfail(
-    strict=True,
-    raises=QueryError,
-    reason="dal bug: DataLayer.create_all (DataLayer.ddl) emits only CREATE TABLE/CREATE INDEX, "
-    "never CREATE TYPE, so a table with an sa.Enum column cannot be created on PostgreSQL: "
-    "'type \"typed_color\" does not exist' (SQLAlchemy's MetaData.create_all creates the type first)",
-)
 async def test_create_all_creates_the_enum_type(urls: list[str], raw: Raw) -> None:
     async with DataLayer(topology(urls, TABLES), typed_metadata(), env={}) as layer:
         await layer.drop_all()
@@ -936,19 +864,10 @@ async def test_create_all_creates_the_enum_type(urls: list[str], raw: Raw) -> No
 
 
 @pytest.mark.parametrize("backend", ["mysql"], indirect=True)
-@pytest.mark.xfail(
-    MYSQL_BYTES_BROKEN,
-    strict=True,
-    raises=TypeError,
-    reason="dal bug: on MySQL no bytes value can be written: dal's dependency range (aiomysql>=0.2, "
-    "PyMySQL>=1.1) installs aiomysql 0.3.2 with PyMySQL >= 1.2.3, where aiomysql's "
-    "Connection.escape calls pymysql.converters.escape_bytes_prefixed, now the string "
-    "'DO NOT IMPORT THIS!!!' (aio-libs/aiomysql#1080): TypeError: 'str' object is not callable, "
-    "raised unmapped from dal.backends.mysql.MySQLConnection.execute/execute_many",
-)
 async def test_bytes_on_mysql(backend: str, tlay: DataLayer) -> None:
-    """LargeBinary on MySQL through every write path (the matrix leaves it NULL there
-    while bytes cannot be sent)."""
+    """LargeBinary on MySQL through every write path. (aiomysql 0.3.2 escapes bytes with
+    pymysql.converters.escape_bytes_prefixed, which PyMySQL 1.2 turned into a placeholder
+    string: dal requires PyMySQL < 1.2.)"""
     repo = tlay.repository("typed")
     blobs = [b"\x00\x01\xfe\xff", bytes(range(256)) * 64, b"", b"\\N\t\n\r\\."]
     await repo.insert({"id": 1, "blob": blobs[0]})
