@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import importlib
 import os
 import random
@@ -130,7 +131,10 @@ class DataLayer:
             for t in cached:
                 assert t.spec.cache is not None
                 self.cache.add(
-                    TableCache(t.name, t.spec.cache, self.cache, deep_copy=t.mutable_values, scan_keys=self._key_scanner(t))
+                    TableCache(
+                        t.name, t.spec.cache, self.cache, deep_copy=t.mutable_values, scan_keys=self._key_scanner(t),
+                        enums=_enum_classes(t.table),
+                    )
                 )
 
     # -- lifecycle --------------------------------------------------------------------
@@ -274,3 +278,15 @@ def _native_enums(table: sa.Table, dialect: Any) -> list[Any]:
 def _ignoring(stmt: str, condition: str) -> str:
     """``stmt`` in a PL/pgSQL block that ignores the error ``condition`` (a PostgreSQL condition name)."""
     return f"DO $dal$ BEGIN {stmt}; EXCEPTION WHEN {condition} THEN NULL; END $dal$"
+
+
+def _enum_classes(table: sa.Table) -> dict[str, type[enum.Enum]]:
+    """The enum classes of ``table``'s ``sa.Enum`` columns, as the cache codec names them."""
+    from dal.cache.codec import enum_key
+
+    out: dict[str, type[enum.Enum]] = {}
+    for col in table.columns:
+        cls = getattr(col.type, "enum_class", None) if isinstance(col.type, sa.Enum) else None
+        if cls is not None:
+            out[enum_key(cls)] = cls
+    return out

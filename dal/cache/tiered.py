@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from dal.cache.bloom import BloomMembership
-from dal.cache.codec import Codec, make_codec
+from dal.cache.codec import Codec, Enums, make_codec
 from dal.cache.flight import SingleFlight
 from dal.cache.invalidation import InvalidationBus, RetryQueue
 from dal.cache.keys import encode_cache_key
@@ -77,11 +77,12 @@ class TableCache:
         *,
         deep_copy: bool,
         scan_keys: ScanKeys | None,
+        enums: Enums | None = None,
     ) -> None:
         self.table = table
         self.policy = policy
         self.runtime = runtime
-        self.codec: Codec = make_codec(policy.serializer)
+        self.codec: Codec = make_codec(policy.serializer, enums)
         self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock, deep_copy=deep_copy)
         self._copy = self.l1._copy
         self.flight: SingleFlight[Row | None] = SingleFlight()

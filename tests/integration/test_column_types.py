@@ -816,14 +816,6 @@ async def test_cached_reads(
 ) -> None:
     """``get`` and ``get_many`` of a cached table: filled from the database, then served
     by L1 and by Redis (another layer), every value exact."""
-    if with_enum:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=TypeError,
-            reason="dal bug: a cached table (Redis L2) with an sa.Enum column cannot cache any row "
-            "holding an enum member: the msgpack codec (cache/codec.py _pack_ext; the JSON codec's "
-            "_json_default likewise) has no form for enum.Enum, so every get/get_many of such a row "
-            "raises TypeError 'cannot cache a value of type Color'",
-        ))
     rows = rows_for(backend)
     if not with_enum:
         for r in rows:

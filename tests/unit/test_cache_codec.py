@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import decimal
+import enum
 import math
 import pickle
 import uuid
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 import dal.cache
-from dal.cache.codec import JsonCodec, MsgpackCodec, make_codec
+from dal.cache.codec import JsonCodec, MsgpackCodec, enum_key, make_codec
 
 CODECS = ["msgpack", "json"]
 
@@ -169,3 +170,44 @@ def test_pickle_payload_is_not_unpickled(name: str) -> None:
     except Exception:  # rejected: fine
         return
     assert not isinstance(out, Evil)
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = "g"
+
+
+class Size(enum.StrEnum):  # a str subclass: packed as a plain str unless tagged
+    S = "s"
+    L = "l"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+ENUMS = {enum_key(c): c for c in (Color, Size, Level)}
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_enum_members_of_declared_classes_round_trip(name: str) -> None:
+    codec = make_codec(name, ENUMS)
+    row = {"c": Color.GREEN, "s": Size.L, "l": Level.HIGH, "plain": "s", "n": 1, "none": None, "doc": {"$enum": 1}}
+    back = codec.loads(codec.dumps(row))
+    assert back == row
+    assert back is not None
+    assert back["c"] is Color.GREEN and back["s"] is Size.L and back["l"] is Level.HIGH
+    assert type(back["plain"]) is str and type(back["n"]) is int  # equal values stay plain
+    assert codec.loads(codec.dumps(None)) is None
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_enum_of_an_undeclared_class_is_not_looked_up(name: str) -> None:
+    writer = make_codec(name, ENUMS)
+    data = writer.dumps({"c": Color.RED})
+    other = make_codec(name, {enum_key(Size): Size})  # Color not declared here
+    with pytest.raises(ValueError, match="no column of this table declares"):
+        other.loads(data)
+    with pytest.raises(TypeError):  # a codec without enum columns does not cache members
+        make_codec(name).dumps({"c": Color.RED})
