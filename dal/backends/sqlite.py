@@ -10,7 +10,6 @@ writer and each statement sees every commit before it. sqlite3 keeps
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +36,6 @@ from .base import Row
 
 # OverflowError: an int beyond SQLite's 64-bit INTEGER, raised by sqlite3 when binding.
 _ERRORS = (sqlite3.Error, ValueError, OverflowError)
-
-# Close tasks in flight, referenced so they are not garbage-collected mid-way.
-_closing: set[asyncio.Task[None]] = set()
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
@@ -127,11 +123,7 @@ class SQLiteConnection:
         await self._conn.close()
 
     def terminate(self) -> None:
-        # Closing is local (no round trip to skip), but aiosqlite only closes
-        # from its own thread: schedule it and keep a reference until done.
-        task = asyncio.ensure_future(self._conn.close())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        _stop(self._conn)
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
@@ -156,6 +148,9 @@ async def connect(spec: NodeSpec) -> SQLiteConnection:
             timeout=timeout,
             cached_statements=spec.pool.statement_cache_size,
         )
+    except (*_ERRORS, OSError) as exc:
+        raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
+    try:
         for pragma in (
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",
@@ -163,6 +158,17 @@ async def connect(spec: NodeSpec) -> SQLiteConnection:
             f"PRAGMA busy_timeout={int(timeout * 1000)}",
         ):
             await conn.execute(pragma)
-    except (*_ERRORS, OSError) as exc:
-        raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
+    except BaseException as exc:
+        # (cancelled too): the connection's worker thread is no daemon, and one left
+        # running keeps the interpreter from exiting
+        _stop(conn)
+        if isinstance(exc, (*_ERRORS, OSError)):
+            raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
+        raise
     return SQLiteConnection(conn, spec.name)
+
+
+def _stop(conn: aiosqlite.Connection) -> None:
+    """Close ``conn`` and end its worker thread, without waiting (aiosqlite closes only
+    from that thread, which runs the request even after this event loop is gone)."""
+    conn.stop()
