@@ -1,10 +1,26 @@
 """Session-wide replicated servers owned by the test run (see tests/replication.py)."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.batch_support import Raw, batch_urls
 from tests.replication import MariaDBReplicaSet, MissingBinaryError, PgReplicaSet
+
+
+@pytest.fixture
+def urls(backend: str, tmp_path: Path) -> list[str]:
+    """Two shard databases of ``backend`` owned by this test process (tests/batch_support.py)."""
+    return batch_urls(backend, tmp_path)
+
+
+@pytest.fixture
+async def raw(urls: list[str]) -> AsyncIterator[Raw]:
+    """Raw SQL on those databases, bypassing dal."""
+    r = Raw(urls)
+    yield r
+    await r.aclose()
 
 
 @pytest.fixture(scope="session")

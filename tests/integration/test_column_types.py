@@ -55,7 +55,6 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -71,7 +70,7 @@ from dal import (
     ValidationError,
 )
 from dal.batch import BatchPlanner
-from tests.batch_support import Raw, batch_urls
+from tests.batch_support import Raw
 from tests.cache_support import cache_topology, delete_ns, unique_namespace
 from tests.conftest import REDIS_URL, topology
 
@@ -338,17 +337,8 @@ def assert_rows(got: Mapping[Any, Mapping[str, Any]], want: Mapping[Any, Mapping
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def urls(backend: str, tmp_path: Path) -> list[str]:
-    """The batch tests' two shard databases of ``backend`` (owned by this test process)."""
-    return batch_urls(backend, tmp_path)
-
-
-@pytest.fixture
-async def raw(urls: list[str]) -> AsyncIterator[Raw]:
-    r = Raw(urls)
-    yield r
-    await r.aclose()
+# ``urls`` (the batch tests' two shard databases of ``backend``) and ``raw``:
+# tests/integration/conftest.py
 
 
 async def pg_enum_type(raw: Raw, *, create: bool) -> None:

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from dal import DataLayer
-from tests.batch_support import Raw, batch_urls, make_layer
+from tests.batch_support import make_layer
 
-
-@pytest.fixture
-def urls(backend: str, tmp_path: Path) -> list[str]:
-    """Two shard databases of ``backend`` owned by this test process."""
-    return batch_urls(backend, tmp_path)
-
-
-@pytest.fixture
-async def raw(urls: list[str]) -> AsyncIterator[Raw]:
-    """Raw SQL on those databases, bypassing dal."""
-    r = Raw(urls)
-    yield r
-    await r.aclose()
+# ``urls`` and ``raw``: tests/integration/conftest.py
 
 
 @pytest.fixture
