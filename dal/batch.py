@@ -68,7 +68,7 @@ from dal.errors import (
 )
 from dal.routing.router import Target
 from dal.schema import _default_value, as_mapping
-from dal.sql import Compiled, compile_statement, convert
+from dal.sql import CONVERT_ERRORS, Compiled, compile_statement, unconvertible
 
 if TYPE_CHECKING:
     from dal.cluster import Node
@@ -544,11 +544,11 @@ class BatchPlanner:
             )
         if not any(procs):
             return b.rows
-        names = c.names
-        return [
-            tuple(v if p is None or v is None else convert(p, n, v) for v, p, n in zip(r, procs, names, strict=True))
-            for r in b.rows
-        ]
+        try:
+            return [tuple(v if p is None or v is None else p(v) for v, p in zip(r, procs, strict=True)) for r in b.rows]
+        except CONVERT_ERRORS as exc:
+            converted = [name for name, p in zip(c.names, procs, strict=True) if p is not None]
+            raise unconvertible(" or ".join(converted), exc) from exc
 
     def _native_bool(self, c: Compiled) -> bool:
         # Values were validated as bool, which every driver sends as it should

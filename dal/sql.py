@@ -59,18 +59,23 @@ class Compiled:
     def params(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
         """Positional parameters from ``values`` (falling back to compile-time defaults)."""
         out = []
-        for name, proc in zip(self.names, self.processors, strict=True):
-            v = values[name] if name in values else self.defaults[name]
-            out.append(v if proc is None or v is None else convert(proc, name, v))
+        name = ""
+        try:
+            for name, proc in zip(self.names, self.processors, strict=True):
+                v = values[name] if name in values else self.defaults[name]
+                out.append(v if proc is None or v is None else proc(v))
+        except CONVERT_ERRORS as exc:
+            raise unconvertible(name, exc) from exc
         return tuple(out)
 
 
-def convert(proc: Processor, name: str, value: Any) -> Any:
-    """``proc(value)``; a value the column's bind processor cannot take is a DataError."""
-    try:
-        return proc(value)
-    except (TypeError, ValueError, AttributeError, ArithmeticError, LookupError) as exc:
-        raise DataError(f"{name}: cannot send {type(value).__name__} value: {type(exc).__name__}: {exc}") from exc
+# What a column's bind processor raises for a value it cannot take (a set for JSON, ...).
+CONVERT_ERRORS = (TypeError, ValueError, AttributeError, ArithmeticError, LookupError)
+
+
+def unconvertible(name: str, exc: BaseException) -> DataError:
+    """The DataError for a value of column ``name`` its bind processor rejected with ``exc``."""
+    return DataError(f"{name}: cannot send the value: {type(exc).__name__}: {exc}")
 
 
 def compile_statement(stmt: sa.ClauseElement, dialect: Dialect) -> Compiled:

@@ -123,7 +123,9 @@ class SQLiteConnection:
         await self._conn.close()
 
     def terminate(self) -> None:
-        _stop(self._conn)
+        # Closed by its worker thread, which runs the request even once this event
+        # loop is gone (a close task might never run).
+        self._conn.stop()
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
@@ -161,14 +163,9 @@ async def connect(spec: NodeSpec) -> SQLiteConnection:
     except BaseException as exc:
         # (cancelled too): the connection's worker thread is no daemon, and one left
         # running keeps the interpreter from exiting
-        _stop(conn)
+        conn.stop()
         if isinstance(exc, (*_ERRORS, OSError)):
             raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
         raise
     return SQLiteConnection(conn, spec.name)
 
-
-def _stop(conn: aiosqlite.Connection) -> None:
-    """Close ``conn`` and end its worker thread, without waiting (aiosqlite closes only
-    from that thread, which runs the request even after this event loop is gone)."""
-    conn.stop()

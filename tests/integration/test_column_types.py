@@ -837,9 +837,14 @@ async def test_create_all_creates_the_enum_type(urls: list[str], raw: Raw) -> No
         await pg_enum_type(raw, create=False)
         try:
             await layer.create_all()
+            await layer.create_all()  # again: the existing type is kept, not an error
             repo = layer.repository("typed")
             await repo.insert({"id": 1, "color": Color.BLUE})
             assert (await repo.get(1))["color"] is Color.BLUE  # type: ignore[index]
+            type_on = "SELECT count(*) FROM pg_type WHERE typname = 'typed_color'"
+            assert [(await raw.fetch(db, type_on))[0][0] for db in raw.engines] == [1, 1]
+            await layer.drop_all()  # the tables, then the type no table uses any more
+            assert [(await raw.fetch(db, type_on))[0][0] for db in raw.engines] == [0, 0]
         finally:
             await layer.drop_all()
             await pg_enum_type(raw, create=False)

@@ -522,3 +522,35 @@ async def test_string_shard_keys(urls: list[str], raw: Raw) -> None:
             assert all(got[c] == (5, 7) for c in codes[:20]) and all(got[c] == (1, None) for c in codes[20:])
         finally:
             await layer.drop_all()
+
+
+async def test_at_most_two_batches_in_flight_per_shard_database(
+    lay: DataLayer, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 physical tables on 2 databases, batches of 50: the batches of one database run at
+    most STREAMS_PER_DATABASE (2) at a time, the databases at the same time."""
+    from dal.batch import BatchPlanner
+
+    in_flight: dict[str, int] = dict.fromkeys(DBS, 0)
+    most: dict[str, int] = dict.fromkeys(DBS, 0)
+    both = [0]
+    real = BatchPlanner.execute
+
+    async def execute(self: BatchPlanner, op: Any, b: Any) -> int:
+        db = b.target.database
+        in_flight[db] += 1
+        most[db] = max(most[db], in_flight[db])
+        both[0] = max(both[0], sum(1 for n in in_flight.values() if n))
+        try:
+            return await real(self, op, b)
+        finally:
+            in_flight[db] -= 1
+
+    monkeypatch.setattr(BatchPlanner, "execute", execute)
+    ids = list(range(1, 2001))
+    res = await lay.repository("users").insert_many([user(i) for i in ids], batch_size=50)
+    assert res.ok and res.committed == len(ids)
+    assert res.batches == expected_batches(ids, 50) > 4 * len(DBS)
+    assert most == dict.fromkeys(DBS, 2), most  # never more, and the second stream is used
+    assert both[0] == len(DBS)  # the databases are written concurrently
+    assert sorted(await raw.keys("users")) == ids
