@@ -905,6 +905,7 @@ class BatchWriter:
         self._shapes: dict[tuple[str, ...], _RowShape] = {}
         self._delete_shape: Shape = (self._table.primary_key, None)
         self._flushing: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first write
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -941,8 +942,12 @@ class BatchWriter:
         """Queue an accepted row (its room taken); the future its caller waits on."""
         slot, key, values, shape = accepted
         self._held += 1
-        # (of the running loop, as loop.create_future() makes it, without a Python call per row)
-        fut: asyncio.Future[None] = asyncio.Future()
+        # Of the writer's loop, named: asyncio.Future() looks the running loop up for
+        # every row (on CPython 3.11 that is a getpid() system call).
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         p = _Pending(fut, item, key, values)
         q = self._queues[slot]
         runs = q.runs
@@ -959,7 +964,7 @@ class BatchWriter:
             if q.rows >= self.max_rows:
                 self._drain(slot)
             elif q.timer is None:
-                q.timer = asyncio.get_running_loop().call_later(self.max_delay, self._drain, slot)
+                q.timer = loop.call_later(self.max_delay, self._drain, slot)
         return fut
 
     def _accept(self, op: Op, item: Any) -> tuple[int, Any, tuple[Any, ...], Shape]:

@@ -4,6 +4,13 @@ asyncpg prepares every statement it runs and keeps it in a per-connection LRU
 (``statement_cache_size``), so a repeated query text costs one round trip:
 Bind/Execute of the cached statement. Connections stay in autocommit; a
 transaction is an explicit ``BEGIN`` ... ``COMMIT``.
+
+``BEGIN`` is sent with the transaction's first statement rather than on its
+own: prefixed to it when that statement goes as a simple query (no
+parameters) or is a COPY, else just before it. A batch transaction (BEGIN,
+COPY, COMMIT) then costs two round trips instead of three. Nothing changes
+for the server: a transaction takes its snapshot at its first statement
+either way, and one that ends before any statement did nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +44,12 @@ from .base import Row
 # UnicodeEncodeError: a str value UTF-8 cannot encode (a lone surrogate), raised bare
 # by asyncpg's binary COPY encoder.
 _ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientError, OSError, UnicodeEncodeError)
+
+# A COPY with BEGIN in front goes through asyncpg's protocol object, whose copy_in()
+# takes the statement's text (the public copy methods build it themselves). That is
+# asyncpg's internal API, the same from 0.29 to 0.32 (what dal is tested with); on
+# other versions BEGIN goes on its own, through the public API.
+_FOLD_COPY = tuple(int(p) for p in asyncpg.__version__.split(".")[:2] if p.isdigit()) <= (0, 32)
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
@@ -84,12 +97,17 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 class PostgresConnection:
-    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used", "server_version")
+    __slots__ = ("_begin", "_conn", "_node", "broken", "created_at", "last_used", "server_version")
 
     def __init__(self, conn: asyncpg.Connection, node: str) -> None:
         self._conn = conn
         self._node = node
+        self._begin = False  # begin() was called and BEGIN is not sent yet
         self.server_version: int = conn.get_server_version().major
         self.broken = False
         self.created_at = 0.0
@@ -97,18 +115,27 @@ class PostgresConnection:
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
+            if self._begin:
+                await self._send_begin()
             return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
+            if self._begin:
+                await self._send_begin()
             return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
+            if self._begin:
+                if not params:  # a simple query: BEGIN goes in front of it
+                    self._begin = False
+                    return _rowcount(await self._conn.execute("BEGIN;" + sql))
+                await self._send_begin()
             return _rowcount(await self._conn.execute(sql, *params))
         except _ERRORS as exc:
             raise self._lost(exc) from exc
@@ -116,15 +143,22 @@ class PostgresConnection:
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         # Pipelined by asyncpg, which reports no row counts: -1.
         try:
+            if self._begin:
+                await self._send_begin()
             await self._conn.executemany(sql, params)
             return -1
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
     async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
-        """COPY ``records`` into ``table`` (binary protocol; asyncpg quotes the identifiers)."""
+        """COPY ``records`` into ``table`` (binary protocol)."""
         try:
-            await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
+            if self._begin and _FOLD_COPY:
+                await self._copy_after_begin(table, columns, "binary", records=records)
+            else:
+                if self._begin:
+                    await self._send_begin()
+                await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except (TypeError, ValueError, OverflowError) as exc:
@@ -135,21 +169,60 @@ class PostgresConnection:
     async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
         """COPY text-format data (see :mod:`dal.backends.copytext`) into ``table``."""
         try:
-            await self._conn.copy_to_table(table, source=source, columns=list(columns), format="text")
+            if self._begin and _FOLD_COPY:
+                await self._copy_after_begin(table, columns, "text", source=source)
+            else:
+                if self._begin:
+                    await self._send_begin()
+                await self._conn.copy_to_table(table, source=source, columns=list(columns), format="text")
         except _ERRORS as exc:
             raise self._lost(exc) from exc
 
+    async def _copy_after_begin(
+        self,
+        table: str,
+        columns: Sequence[str],
+        fmt: str,
+        *,
+        records: Sequence[Sequence[Any]] | None = None,
+        source: AsyncIterable[memoryview] | None = None,
+    ) -> None:
+        """``BEGIN;COPY ... FROM STDIN`` as one simple query, its data right behind it:
+        one round trip. What asyncpg's copy_records_to_table / copy_to_table do, with
+        BEGIN in front (the server's answer to BEGIN is skipped by asyncpg's COPY state)."""
+        conn = self._conn
+        tab = _quote(table)
+        cols = ", ".join(map(_quote, columns))
+        state = None
+        if records is not None:  # the columns' binary codecs, from a cached statement as asyncpg gets them
+            state = (await conn._prepare(f"SELECT {cols} FROM {tab} LIMIT 1", use_cache=True))._state
+        self._begin = False
+        await conn._protocol.copy_in(f"BEGIN;COPY {tab} ({cols}) FROM STDIN (FORMAT {fmt})", source, None, records, state, None)
+
+    async def _send_begin(self) -> None:
+        self._begin = False
+        await self._conn.execute("BEGIN")
+
     async def begin(self) -> None:
-        await self.execute("BEGIN", ())
+        """Start a transaction: BEGIN goes with its first statement (module docstring)."""
+        if self._begin or self._conn.is_in_transaction():
+            raise QueryError(f"{self._node}: a transaction is already open on this connection")
+        self._begin = True
 
     async def commit(self) -> None:
+        if self._begin:  # nothing was sent in it
+            self._begin = False
+            return
         await self.execute("COMMIT", ())
 
     async def rollback(self) -> None:
+        if self._begin:
+            self._begin = False
+            return
         await self.execute("ROLLBACK", ())
 
     def in_transaction(self) -> bool:
-        return bool(self._conn.is_in_transaction())
+        return self._begin or bool(self._conn.is_in_transaction())
 
     async def close(self) -> None:
         await self._conn.close(timeout=5)
