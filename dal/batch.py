@@ -330,6 +330,19 @@ class BatchPlanner:
             [kinds.get(name) or set(map(type, cols[name])) for name in columns],  # (defaults: not in kinds)
         )
 
+    def as_text(self, b: _Batch) -> None:
+        """Give a PostgreSQL insert batch its rows as COPY text when every value has a
+        text form (as :meth:`plan` does for bulk loads): asyncpg's binary encoder
+        spends about 1 µs on each Decimal, its text about 0.15 µs."""
+        if self.repo._stmts[b.target.slot].dialect.name != "postgresql":
+            return
+        cols = list(map(list, zip(*b.rows)))  # noqa: B905 - rows of one shape
+        forms = self._text_forms([b.target.slot], b.columns, dict(zip(b.columns, cols, strict=True)), {})
+        if forms is not None:
+            feed = _TextFeed(0)
+            feed.chunks.append(text_payload(text_lines(cols, forms)))
+            b.text = feed
+
     def _update_row(self, item: Any, index: int) -> dict[str, Any]:
         t = self.table
         out = t.checked_values(item, index=index)
@@ -906,6 +919,7 @@ class BatchWriter:
         self._delete_shape: Shape = (self._table.primary_key, None)
         self._flushing: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first write
+        self._slots = 0 if self._table.sharder is None else self._table.sharder.slots
         self._closed = False
         self.batches = 0
         self.rows = 0
@@ -920,6 +934,33 @@ class BatchWriter:
     # queued), wait for room when max_pending rows wait, queue, wait for the commit.
     # Written out in each rather than shared, to save a coroutine per row.
     async def insert(self, row: Mapping[str, Any] | Any) -> None:
+        # The common case under load, written out: a dict of a known key sequence with
+        # no defaults to fill, an int shard key, room to queue, and its table's last
+        # batch open to it. No call per row but the check of its values (about 5% of
+        # the writer's time per row, measured); anything else goes through _queue.
+        if (
+            type(row) is dict
+            and (shape := self._shapes.get(tuple(row))) is not None
+            and not shape.defaults
+            and self._held < self._max_pending
+            and not self._room_waiters
+            and not self._closed
+            and (loop := self._loop) is not None
+            and (values := shape.read(row)) is not None
+            and type(v := values[shape.shard]) is int
+            and self._slots
+        ):
+            slot = zlib.crc32(b"%d" % v) % self._slots
+            q = self._queues[slot]
+            if q.runs and (run := q.runs[-1]).shape is shape.insert and run.op == "insert" and len(run.items) < self.max_rows:
+                self._held += 1
+                fut: asyncio.Future[None] = loop.create_future()
+                run.items.append(_Pending(fut, row, shape.key(values), values))
+                q.rows += 1
+                if not q.busy and q.rows >= self.max_rows:
+                    self._drain(slot)
+                await fut
+                return
         accepted = self._accept("insert", row)
         if self._held >= self._max_pending or self._room_waiters:
             await self._wait_room()
@@ -1089,6 +1130,8 @@ class BatchWriter:
                 (batch,) = self._planner.plan(op, [p.item for p in items], len(items))
             else:  # validated on submit: one shape, one physical table
                 batch = _Batch(self._targets[slot], [p.values for p in items], [p.key for p in items], shape[0])
+                if op == "insert":
+                    self._planner.as_text(batch)
             self.batches += 1
             await self._planner.execute(op, batch)
         except DalError as exc:

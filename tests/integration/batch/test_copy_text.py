@@ -639,3 +639,43 @@ async def test_upsert_special_strings(clay: DataLayer, raw: Raw, copies: Counter
     assert len(want) == 4 * n
     assert await texts.get_many(list(want)) == want
     assert await physical(raw, "texts", TEXT_COLUMNS) == want
+
+
+# --------------------------------------------------------------------------- BatchWriter
+
+
+async def test_writer_inserts_go_as_text(backend: str, clay: DataLayer, raw: Raw, copies: Counter[str]) -> None:
+    """BatchWriter insert batches take COPY text as bulk loads do, with the same values;
+    a batch holding a value without a text form goes as binary records."""
+
+    async def write(repo: Repository[Any], rows: list[dict[str, Any]], max_rows: int) -> int:
+        async with repo.writer(max_rows=max_rows, max_delay=0.05) as w:
+            outcomes = await asyncio.gather(*(w.insert(r) for r in rows), return_exceptions=True)
+        assert outcomes == [None] * len(rows)
+        assert w.rows == len(rows)
+        return w.batches
+
+    texts, mixed = clay.repository("texts"), clay.repository("mixed")
+    ids = list(range(30_001, 30_001 + 3 * len(SPECIAL)))
+    all_slots(ids)
+    rows = text_rows(ids)
+    expect_path(backend, copies, text=await write(texts, rows, 7), records=0)
+    want = {r["id"]: {**r, "tag": "dflt"} for r in rows}
+    assert await texts.get_many(ids) == want
+    assert await physical(raw, "texts", TEXT_COLUMNS) == want
+
+    m_ids = list(range(1, 85))
+    m_rows = mixed_rows(m_ids)
+    expect_path(backend, copies, text=await write(mixed, m_rows, 5), records=0)
+    await check_mixed(mixed, raw, {r["id"]: r for r in m_rows})
+
+    if backend == "postgresql":
+        nums, events = clay.repository("nums"), clay.repository("events")
+        n_rows = num_rows(list(range(1, 91)))
+        expect_path(backend, copies, text=await write(nums, n_rows, 6), records=0)
+        await check_nums(nums, raw, num_want(n_rows))
+        e_rows = event_rows(list(range(1, 41)))
+        expect_path(backend, copies, text=0, records=await write(events, e_rows, 6))
+        got = await events.get_many([r["id"] for r in e_rows])
+        for r in e_rows:
+            same_event(got[r["id"]], r)
