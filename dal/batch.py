@@ -723,6 +723,10 @@ class _TextFeed:
                 raise StopAsyncIteration
             if not self.source.step():
                 raise RuntimeError(f"COPY text source ended {self.missing} rows short")  # a bug, not bad input
+            # Let the other COPYs send what this chunk gave them (and start): asyncpg
+            # writes to a socket that takes all, so without this, the first COPY would
+            # render every chunk before any other stream began.
+            await asyncio.sleep(0)
         return self.chunks.popleft()
 
 

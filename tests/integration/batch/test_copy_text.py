@@ -641,6 +641,39 @@ async def test_upsert_special_strings(clay: DataLayer, raw: Raw, copies: Counter
     assert await physical(raw, "texts", TEXT_COLUMNS) == want
 
 
+
+@only_pg
+async def test_copy_streams_start_before_the_text_is_rendered(
+    clay: DataLayer, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text is rendered a chunk at a time as the COPYs pull it; every stream a
+    call may run at once (2 per shard database) begins while rows are still being
+    rendered, instead of waiting for the first COPY to render them all."""
+    from dal.batch import STREAMS_PER_DATABASE, _TextSource
+
+    started_at: list[int] = []  # rows rendered when each COPY began
+    real = PostgresConnection.copy_text
+
+    async def spy(self: PostgresConnection, table: str, columns: Sequence[str], source: Any) -> None:
+        started_at.append(source.source.pos)
+        await real(self, table, columns, source)
+
+    nums = clay.repository("nums")
+    # Small batches first: each database's pool then holds a connection per stream
+    # (opening one takes round trips, while rendering goes on).
+    warm = num_rows(range(1_000_001, 1_000_401))
+    assert_ok(await nums.insert_many(warm, batch_size=10), len(warm))
+    monkeypatch.setattr(PostgresConnection, "copy_text", spy)
+    ids = list(range(1, 5 * _TextSource.CHUNK + 1))
+    rows = num_rows(ids)
+    res = await nums.insert_many(rows)
+    assert_ok(res, len(rows))
+    assert res.batches == SHARDS
+    early = [pos for pos in started_at if pos < len(rows)]
+    assert len(early) == STREAMS_PER_DATABASE * 2, started_at
+    await check_nums(nums, raw, num_want(warm + rows))
+
+
 # --------------------------------------------------------------------------- BatchWriter
 
 
