@@ -21,8 +21,9 @@ SQLite        executemany                     executemany
 
 COPY text is rendered a chunk of rows at a time while the first batches are
 sent, so the client's work overlaps the server's. Batches on different shard
-databases run concurrently (``fanout_concurrency`` at a time), at most
-``STREAMS_PER_DATABASE`` (two) at a time on one database. A failed batch is
+databases run concurrently (``fanout_concurrency`` at a time); at most
+``STREAMS_PER_DATABASE`` (two) at a time send rows to one database, and a
+batch waiting for its COMMIT lets the next one send. A failed batch is
 rolled back as a whole and reported with the keys it held and, for
 duplicates, exactly which keys already existed; batches that committed are
 reported as committed. If the connection is lost while COMMIT is in flight,
@@ -371,23 +372,34 @@ class BatchPlanner:
                 )
             await self._run_atomic(op, batches, result)
         else:
-            # At most STREAMS_PER_DATABASE batches at a time per shard database, databases
-            # concurrently (within fanout_concurrency). One server gains nothing from more
-            # bulk streams into its WAL (measured, 100,000 rows into 2 databases x 4
-            # tables: 1 or 2 COPY streams per database ~85 ms, 4 streams ~110 ms), while
-            # a second stream hides each small batch's COMMIT round trip and flush.
+            # At most STREAMS_PER_DATABASE batches at a time send rows to one shard
+            # database, databases concurrently (within fanout_concurrency), in plan order.
+            # One server gains nothing from more bulk streams into its WAL (measured,
+            # 100,000 rows into 2 databases x 4 tables: 1 or 2 COPY streams per database
+            # ~85 ms, 4 streams ~110 ms), while a second stream hides each small batch's
+            # round trips. A batch gives up its stream once its statements are done: the
+            # next one sends while its COMMIT waits for the WAL flush (4-10 ms a batch).
             sem = self.layer._fanout
-            by_database: dict[str, collections.deque[_Batch]] = {}
-            for b in batches:
-                by_database.setdefault(b.target.database, collections.deque()).append(b)
+            streams = {db: asyncio.Semaphore(STREAMS_PER_DATABASE) for db in {b.target.database for b in batches}}
 
-            async def stream(queue: collections.deque[_Batch]) -> None:
-                while queue:
-                    b = queue.popleft()
+            async def one(b: _Batch) -> None:
+                stream = streams[b.target.database]
+                await stream.acquire()
+                held = True
+
+                def sent() -> None:
+                    nonlocal held
+                    if held:
+                        held = False
+                        stream.release()
+
+                try:
                     async with sem:
-                        await self._run_batch(op, b, result)
+                        await self._run_batch(op, b, result, sent)
+                finally:
+                    sent()
 
-            await asyncio.gather(*(stream(q) for q in by_database.values() for _ in range(STREAMS_PER_DATABASE)))
+            await asyncio.gather(*(one(b) for b in batches))
         return result
 
     async def _run_atomic(self, op: Op, batches: list[_Batch], result: BatchResult) -> None:
@@ -410,9 +422,9 @@ class BatchPlanner:
         result.affected += done
         await self._invalidate(op, [k for b in batches for k in b.keys])
 
-    async def _run_batch(self, op: Op, b: _Batch, result: BatchResult) -> None:
+    async def _run_batch(self, op: Op, b: _Batch, result: BatchResult, sent: Callable[[], None]) -> None:
         try:
-            affected = await self.execute(op, b)
+            affected = await self.execute(op, b, sent)
         except DalError as exc:
             result.failures.append(
                 BatchFailure(b.target.table, b.target.database, list(b.keys), exc, await self._culprits(op, [b], exc))
@@ -422,23 +434,27 @@ class BatchPlanner:
         result.written[b.target.database] = result.written.get(b.target.database, 0) + b.inputs
         result.affected += affected
 
-    async def execute(self, op: Op, b: _Batch) -> int:
-        """One batch in one transaction; raises the batch's error (rolled back, or never committed)."""
+    async def execute(self, op: Op, b: _Batch, sent: Callable[[], None] | None = None) -> int:
+        """One batch in one transaction; raises the batch's error (rolled back, or never committed).
+        ``sent`` is called once its statements are done, before COMMIT."""
         node = self.cluster.node(b.target)
         conn = await node.pool.acquire()
         node.in_flight += 1
         node.queries += 1
         try:
-            affected = await self._transaction(op, conn, node, [b])
+            affected = await self._transaction(op, conn, node, [b], sent)
         finally:
             node.in_flight -= 1
             node.pool.release(conn)
         await self._invalidate(op, b.keys)
         return affected
 
-    async def _transaction(self, op: Op, conn: Connection, node: Node, batches: list[_Batch]) -> int:
+    async def _transaction(
+        self, op: Op, conn: Connection, node: Node, batches: list[_Batch], sent: Callable[[], None] | None = None
+    ) -> int:
         """BEGIN, the batches, COMMIT on ``conn``; the rows matched. Raises a DalError
-        (rolled back, or never committed); ``conn`` is flagged broken when suspect."""
+        (rolled back, or never committed); ``conn`` is flagged broken when suspect.
+        ``sent``: called between the batches' statements and COMMIT."""
         try:
             try:
                 await conn.begin()
@@ -455,6 +471,8 @@ class BatchPlanner:
                 # A driver error the adapter did not map (asyncpg's InternalClientError
                 # when the server's FATAL arrived on an idle connection): a lost connection.
                 raise _suspect(conn, node, exc) from exc
+            if sent is not None:
+                sent()
             await self._commit(conn, node, op, batches)
         except BaseException as exc:
             if not isinstance(exc, DalError):
