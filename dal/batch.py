@@ -46,7 +46,7 @@ import contextlib
 import operator
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -152,10 +152,21 @@ class BatchPlanner:
         ``stream``: PostgreSQL COPY text is rendered as the batches are sent, a chunk
         of rows at a time, instead of here.
         """
+        out = self._plan(op, items, batch_size, stream=stream, live=False)
+        assert isinstance(out, list)
+        return out
+
+    def plan_load(self, op: Op, items: Iterable[Any], batch_size: int) -> list[_Batch] | _LiveBatches:
+        """:meth:`plan` with ``stream``, for :meth:`run` without ``atomic``: a load that
+        goes to PostgreSQL as COPY text with int shard keys gets :class:`_LiveBatches`,
+        whose rows are assigned to physical tables as they are rendered."""
+        return self._plan(op, items, batch_size, stream=True, live=True)
+
+    def _plan(self, op: Op, items: Iterable[Any], batch_size: int, *, stream: bool, live: bool) -> list[_Batch] | _LiveBatches:
         if type(batch_size) is not int or batch_size < 1:
             raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if op in ("insert", "upsert") and isinstance(items, list) and len(items) > 1:
-            fast = self._plan_columns(items, batch_size, op, stream)
+            fast = self._plan_columns(items, batch_size, op, stream, live)
             if fast is not None:
                 return fast
         t = self.table
@@ -229,7 +240,9 @@ class BatchPlanner:
         slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
         return slot, (kv[0] if len(kv) == 1 else kv), data, given
 
-    def _plan_columns(self, rows: list[Any], batch_size: int, op: Op, stream: bool) -> list[_Batch] | None:
+    def _plan_columns(
+        self, rows: list[Any], batch_size: int, op: Op, stream: bool, live: bool
+    ) -> list[_Batch] | _LiveBatches | None:
         """The same plan as row by row, a column at a time: for lists of dicts with one
         set of keys whose values all pass the fast column checks. ``None`` sends the
         caller down the row-by-row path, which also names the bad row and field.
@@ -269,10 +282,6 @@ class BatchPlanner:
         else:
             return None
         n = t.sharder.slots
-        try:
-            slots = list(map(n.__rmod__, map(zlib.crc32, encoded)))
-        except UnicodeEncodeError:
-            return None  # a lone surrogate: the row-by-row path names the row
         # In declared order, the order of the compiled INSERT's parameters (the rows
         # are positional: in the caller's key order, values would land in other columns).
         columns = tuple(c for c in t.columns if c in cols)
@@ -284,6 +293,20 @@ class BatchPlanner:
                 return None  # repeated keys: folded row by row
             # the columns given; the defaults filled in above are for new rows only
             overwrite = tuple(c for c in names if c not in t.primary_key)
+        if live and shard_kinds == {int}:
+            # Every row is valid by now; which physical table each goes to is grouping,
+            # not validation: the CRC32s are computed a chunk at a time while the first
+            # COPYs are sending (a str key's UTF-8 encoding can fail: computed here).
+            forms = self._text_forms(list(range(n)), columns, cols, kinds)
+            if forms is not None:
+                return _LiveBatches(
+                    self.repo._primary_targets, columns, overwrite,
+                    _LiveTextSource([cols[c] for c in columns], forms, batch_size, shard, keys_list, n),
+                )
+        try:
+            slots = list(map(n.__rmod__, map(zlib.crc32, encoded)))
+        except UnicodeEncodeError:
+            return None  # a lone surrogate: the row-by-row path names the row
         used = sorted(set(slots))
         keys_by_slot = _by_slot(slots, n, keys_list)
         targets = self.repo._primary_targets
@@ -360,7 +383,13 @@ class BatchPlanner:
         return {**{c: out[c] for c in t.primary_key}, **{c: v for c, v in out.items() if c not in t.primary_key}}
 
     # -- execution -------------------------------------------------------------------------
-    async def run(self, op: Op, batches: list[_Batch], *, atomic: bool, rows: int) -> BatchResult:
+    async def run(self, op: Op, batches: list[_Batch] | _LiveBatches, *, atomic: bool, rows: int) -> BatchResult:
+        if isinstance(batches, _LiveBatches):
+            if atomic:
+                raise ValidationError("an atomic call is planned with plan(), not plan_load()")
+            result = BatchResult(rows=rows)
+            await self._run_live(op, batches, result)
+            return result
         result = BatchResult(rows=rows, batches=len(batches))
         if not batches:
             return result
@@ -379,28 +408,49 @@ class BatchPlanner:
             # ~85 ms, 4 streams ~110 ms), while a second stream hides each small batch's
             # round trips. A batch gives up its stream once its statements are done: the
             # next one sends while its COMMIT waits for the WAL flush (4-10 ms a batch).
-            sem = self.layer._fanout
-            streams = {db: asyncio.Semaphore(STREAMS_PER_DATABASE) for db in {b.target.database for b in batches}}
-
-            async def one(b: _Batch) -> None:
-                stream = streams[b.target.database]
-                await stream.acquire()
-                held = True
-
-                def sent() -> None:
-                    nonlocal held
-                    if held:
-                        held = False
-                        stream.release()
-
-                try:
-                    async with sem:
-                        await self._run_batch(op, b, result, sent)
-                finally:
-                    sent()
-
-            await asyncio.gather(*(one(b) for b in batches))
+            streams: dict[str, asyncio.Semaphore] = {}
+            await asyncio.gather(*(self._stream_batch(op, b, result, streams) for b in batches))
         return result
+
+    async def _stream_batch(
+        self, op: Op, b: _Batch, result: BatchResult, streams: dict[str, asyncio.Semaphore]
+    ) -> None:
+        """Run ``b`` once one of its database's streams is free (in call order) and
+        within ``fanout_concurrency``; its stream is free again before its COMMIT."""
+        stream = streams.get(b.target.database)
+        if stream is None:
+            stream = streams[b.target.database] = asyncio.Semaphore(STREAMS_PER_DATABASE)
+        await stream.acquire()
+        held = True
+
+        def sent() -> None:
+            nonlocal held
+            if held:
+                held = False
+                stream.release()
+
+        try:
+            async with self.layer._fanout:
+                await self._run_batch(op, b, result, sent)
+        finally:
+            sent()
+
+    async def _run_live(self, op: Op, live: _LiveBatches, result: BatchResult) -> None:
+        """Run the batches of ``live`` as its text rendering opens them. The rendering
+        is stepped here (a chunk per turn of the loop) as well as by the COPYs that
+        need more rows, so batches are found even while no COPY is pulling."""
+        streams: dict[str, asyncio.Semaphore] = {}
+        tasks: list[asyncio.Future[None]] = []
+        live.started = lambda b: tasks.append(asyncio.ensure_future(self._stream_batch(op, b, result, streams)))
+        try:
+            for _ in iter(live.source.step, False):
+                await asyncio.sleep(0)  # let the batches opened so far start and send
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        await asyncio.gather(*tasks)
+        result.batches = len(tasks)
 
     async def _run_atomic(self, op: Op, batches: list[_Batch], result: BatchResult) -> None:
         node = self.cluster.node(batches[0].target)
@@ -426,6 +476,8 @@ class BatchPlanner:
         try:
             affected = await self.execute(op, b, sent)
         except DalError as exc:
+            if b.text is not None:
+                b.text.finish()  # a live batch learns its last keys as its rows are rendered
             result.failures.append(
                 BatchFailure(b.target.table, b.target.database, list(b.keys), exc, await self._culprits(op, [b], exc))
             )
@@ -722,14 +774,16 @@ class _TextFeed:
 
     When it has no chunk ready it has its :class:`_TextSource` render the next rows
     (synchronously): rendering is driven by the COPYs that are sending, and the
-    batches still queued collect their chunks meanwhile.
+    batches still queued collect their chunks meanwhile. It ends once ``closed`` (its
+    batch has all its rows) and every chunk is taken.
     """
 
-    __slots__ = ("chunks", "missing", "source")
+    __slots__ = ("chunks", "closed", "missing", "source")
 
     def __init__(self, rows: int) -> None:
         self.chunks: collections.deque[memoryview] = collections.deque()
-        self.missing = rows  # rows not rendered yet
+        self.missing = rows  # rows not rendered yet (a live batch: unknown, 0)
+        self.closed = rows == 0
         self.source: _TextSource | None = None
 
     def __aiter__(self) -> _TextFeed:
@@ -737,15 +791,20 @@ class _TextFeed:
 
     async def __anext__(self) -> memoryview:
         while not self.chunks:
-            if not self.missing or self.source is None:
+            if self.closed or self.source is None:
                 raise StopAsyncIteration
             if not self.source.step():
-                raise RuntimeError(f"COPY text source ended {self.missing} rows short")  # a bug, not bad input
+                raise RuntimeError("COPY text source ended before a batch had its rows")  # a bug, not bad input
             # Let the other COPYs send what this chunk gave them (and start): asyncpg
             # writes to a socket that takes all, so without this, the first COPY would
             # render every chunk before any other stream began.
             await asyncio.sleep(0)
         return self.chunks.popleft()
+
+    def finish(self) -> None:
+        """Render until this batch has all its rows (and keys)."""
+        while not self.closed and self.source is not None and self.source.step():
+            pass
 
 
 class _TextSource:
@@ -766,17 +825,21 @@ class _TextSource:
         self.feeds = feeds
         self.filled = dict.fromkeys(feeds, 0)  # rows of each slot rendered so far
         self.pos = 0
+        self.total = len(columns[0])
         for fs in feeds.values():
             for f in fs:
                 f.source = self
 
     def step(self) -> bool:
         """Render the next chunk of rows; ``False`` when every row is rendered already."""
-        start, end = self.pos, min(self.pos + self.CHUNK, len(self.slots))
+        start, end = self.pos, min(self.pos + self.CHUNK, self.total)
         if start >= end:
             return False
         self.pos = end
-        lines = text_lines([c[start:end] for c in self.columns], self.forms)
+        self._hand_out(start, end, text_lines([c[start:end] for c in self.columns], self.forms))
+        return True
+
+    def _hand_out(self, start: int, end: int, lines: list[str]) -> None:
         size = self.batch_size
         by_slot = _by_slot(self.slots[start:end], max(self.feeds) + 1, lines)
         for slot, feeds in self.feeds.items():
@@ -788,15 +851,90 @@ class _TextSource:
                 part = ls[i : i + size - done % size]
                 feed.chunks.append(text_payload(part))
                 feed.missing -= len(part)
+                feed.closed = feed.missing == 0
                 done += len(part)
                 i += len(part)
             self.filled[slot] = done
-        return True
 
     def run(self) -> None:
         """Render every row now."""
-        while self.pos < len(self.slots):
-            self.step()
+        while self.step():
+            pass
+
+
+class _LiveTextSource(_TextSource):
+    """A :class:`_TextSource` that also works out which physical table each row goes
+    to, a chunk at a time (the CRC32 of its int shard key), opening a batch for every
+    ``batch_size`` rows of a table as they come (``open_batch``) and filling its keys.
+    """
+
+    def __init__(
+        self, columns: list[list[Any]], forms: list[Form], batch_size: int, shard: list[int], keys: list[Any],
+        slots: int,
+    ) -> None:
+        super().__init__(columns, forms, [], batch_size, {})
+        self.shard = shard
+        self.keys = keys
+        self.n = slots
+        self.open: dict[int, _Batch] = {}  # per slot, its batch still taking rows
+        self.open_batch: Callable[[int], _Batch] = _no_batch
+
+    def _hand_out(self, start: int, end: int, lines: list[str]) -> None:
+        n = self.n
+        # = the sharder's slot of each key (str(key).encode(), CRC32 IEEE, mod n)
+        slots = list(map(n.__rmod__, map(zlib.crc32, map(b"%d".__mod__, self.shard[start:end]))))
+        lines_by = _by_slot(slots, n, lines)
+        keys_by = _by_slot(slots, n, self.keys[start:end])
+        size = self.batch_size
+        for slot in range(n):
+            ls, ks = lines_by[slot], keys_by[slot]
+            i = 0
+            while i < len(ls):
+                b = self.open.get(slot)
+                if b is None:
+                    b = self.open[slot] = self.open_batch(slot)
+                feed = b.text
+                assert feed is not None
+                room = size - len(b.keys)
+                feed.chunks.append(text_payload(ls[i : i + room]))
+                b.keys.extend(ks[i : i + room])
+                i += room
+                if len(b.keys) == size:
+                    feed.closed = True
+                    del self.open[slot]
+        if end == self.total:
+            for b in self.open.values():
+                b.text.closed = True  # type: ignore[union-attr]
+            self.open.clear()
+
+
+def _no_batch(slot: int) -> _Batch:
+    raise RuntimeError("a live COPY text source was stepped before its batches were wired")
+
+
+class _LiveBatches:
+    """A bulk load planned before its rows' physical tables are known: its
+    :class:`_LiveTextSource` opens the batches as it renders the rows, and each is
+    handed to ``started`` (:meth:`BatchPlanner._run_live` runs it)."""
+
+    def __init__(
+        self, targets: Sequence[Target], columns: tuple[str, ...], overwrite: tuple[str, ...] | None,
+        source: _LiveTextSource,
+    ) -> None:
+        self.targets = targets
+        self.columns = columns
+        self.overwrite = overwrite
+        self.source = source
+        self.started: Callable[[_Batch], None] = lambda b: None
+        source.open_batch = self._open
+
+    def _open(self, slot: int) -> _Batch:
+        feed = _TextFeed(0)
+        feed.closed = False
+        feed.source = self.source
+        b = _Batch(self.targets[slot], [], [], self.columns, self.overwrite, text=feed)
+        self.started(b)
+        return b
 
 
 def _by_slot(slots: list[int], n: int, values: Iterable[Any]) -> list[list[Any]]:
@@ -1211,7 +1349,10 @@ async def run_many(
 ) -> BatchResult:
     planner = BatchPlanner(repo)
     items = list(items)
-    batches = planner.plan(op, items, batch_size, stream=True)
+    if atomic:
+        batches: list[_Batch] | _LiveBatches = planner.plan(op, items, batch_size, stream=True)
+    else:
+        batches = planner.plan_load(op, items, batch_size)
     result = await planner.run(op, batches, atomic=atomic, rows=len(items))
     if result.failures and raise_on_error:
         raise BatchError(result)

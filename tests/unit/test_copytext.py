@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import zlib
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from dal.backends.copytext import text_forms, text_lines, text_payload
-from dal.batch import _by_slot, _TextFeed, _TextSource
+from dal.batch import _by_slot, _LiveTextSource, _TextFeed, _TextSource
 
 
 def render(columns: list[list[Any]]) -> list[str] | None:
@@ -90,3 +91,51 @@ def test_source_hands_each_batch_exactly_its_rows(
             assert feed.missing == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+@pytest.mark.parametrize("batch_size", [1, 4, 5, 100])
+def test_live_source_cuts_the_same_batches_as_the_planner(
+    chunk: int, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots worked out a chunk at a time: every physical table's rows are cut into
+    batches of batch_size in the caller's order (as the eager planner cuts them),
+    each batch opened when its first row comes, holding exactly its rows and keys,
+    and closed once full or once every row is rendered."""
+    monkeypatch.setattr(_TextSource, "CHUNK", chunk)
+    ids = list(range(1, 48))
+    names = [f"n{i}" for i in ids]
+    per_slot = _by_slot([zlib.crc32(str(i).encode()) % 4 for i in ids], 4, ids)
+    expected = [(slot, keys[s : s + batch_size]) for slot, keys in enumerate(per_slot) for s in range(0, len(keys), batch_size)]
+    columns: list[list[Any]] = [ids, names]
+    forms = text_forms(columns)
+    assert forms is not None
+    source = _LiveTextSource(columns, forms, batch_size, ids, ids, 4)
+    opened: list[tuple[int, Any]] = []
+
+    def open_batch(slot: int) -> Any:
+        feed = _TextFeed(0)
+        feed.closed = False
+        feed.source = source
+        b = SimpleNamespace(keys=[], text=feed)
+        opened.append((slot, b))
+        return b
+
+    source.open_batch = open_batch
+
+    async def drain(feed: _TextFeed) -> list[str]:
+        return [line for chunk in [bytes(c).decode() async for c in feed] for line in chunk.splitlines()]
+
+    async def main() -> None:
+        source.step()
+        # the first batch opened pulls first: it renders until it is full (or every row is rendered)
+        b = opened[0][1]
+        assert await drain(b.text) == [f"{k}\tn{k}" for k in b.keys]
+        assert b.text.closed and (len(b.keys) == batch_size or source.pos == len(ids))
+        source.run()
+        for _, b in opened[1:]:
+            assert b.text.closed
+            assert await drain(b.text) == [f"{k}\tn{k}" for k in b.keys]
+
+    asyncio.run(main())
+    assert sorted((slot, b.keys) for slot, b in opened) == sorted(expected)

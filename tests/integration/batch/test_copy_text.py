@@ -674,6 +674,45 @@ async def test_copy_streams_start_before_the_text_is_rendered(
     await check_nums(nums, raw, num_want(warm + rows))
 
 
+
+@only_pg
+async def test_a_batch_cut_off_mid_copy_reports_all_its_keys(
+    clay: DataLayer, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load's batches learn their keys as their rows are rendered (the physical
+    table of each row is worked out a chunk at a time). A COPY cut off after its
+    first chunk (the connection lost) still reports every key of its batch as
+    failed: every row ends up either committed or reported failed, none both."""
+    from dal.batch import _TextSource
+
+    monkeypatch.setattr(_TextSource, "CHUNK", 4)  # 500 chunks: the cut comes long before the last
+    victim = 3  # the physical table whose COPY is cut off
+    real = PostgresConnection.copy_text
+
+    async def cut_off(self: PostgresConnection, table: str, columns: Sequence[str], source: Any) -> None:
+        if table != f"nums_{victim}":
+            await real(self, table, columns, source)
+            return
+        await source.__anext__()  # the first chunk goes, then the connection is gone
+        self.broken = True
+        raise ConnectionUnavailableError(f"{table}: connection lost mid-COPY (injected)")
+
+    monkeypatch.setattr(PostgresConnection, "copy_text", cut_off)
+    nums = clay.repository("nums")
+    ids = list(range(1, 2001))
+    rows = num_rows(ids)
+    res = await nums.insert_many(rows, batch_size=100_000, raise_on_error=False)
+    assert res.batches == SHARDS and len(res.failures) == 1
+    (failure,) = res.failures
+    assert failure.table == f"nums_{victim}"
+    assert isinstance(failure.error, ConnectionUnavailableError)
+    lost = [i for i in ids if slot_of(i) == victim]
+    assert failure.keys == lost  # all of them, in order: not only those rendered before the cut
+    stored = await physical(raw, "nums", NUMS_COLUMNS)
+    assert sorted(stored) == [i for i in ids if slot_of(i) != victim]
+    assert res.committed == len(stored) and res.committed + len(failure.keys) == len(ids)
+
+
 # --------------------------------------------------------------------------- BatchWriter
 
 
