@@ -20,7 +20,9 @@ SQLite        executemany                     executemany
 ============  ==============================  ==================================
 
 COPY text is rendered a chunk of rows at a time while the first batches are
-sent, so the client's work overlaps the server's. Batches on different shard
+sent, so the client's work overlaps the server's; with int shard keys the
+physical table of each row (its CRC32) is worked out with its text too, so
+only validation comes before the first byte is sent. Batches on different shard
 databases run concurrently (``fanout_concurrency`` at a time); at most
 ``STREAMS_PER_DATABASE`` (two) at a time send rows to one database, and a
 batch waiting for its COMMIT lets the next one send. A failed batch is
