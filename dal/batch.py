@@ -387,8 +387,7 @@ class BatchPlanner:
     # -- execution -------------------------------------------------------------------------
     async def run(self, op: Op, batches: list[_Batch] | _LiveBatches, *, atomic: bool, rows: int) -> BatchResult:
         if isinstance(batches, _LiveBatches):
-            if atomic:
-                raise ValidationError("an atomic call is planned with plan(), not plan_load()")
+            assert not atomic, "an atomic call is planned with plan(), not plan_load()"
             result = BatchResult(rows=rows)
             await self._run_live(op, batches, result)
             return result

@@ -153,12 +153,7 @@ class PostgresConnection:
     async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
         """COPY ``records`` into ``table`` (binary protocol)."""
         try:
-            if self._begin and _FOLD_COPY:
-                await self._copy_after_begin(table, columns, "binary", records=records)
-            else:
-                if self._begin:
-                    await self._send_begin()
-                await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
+            await self._copy(table, columns, "binary", records=records)
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except (TypeError, ValueError, OverflowError) as exc:
@@ -169,14 +164,28 @@ class PostgresConnection:
     async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
         """COPY text-format data (see :mod:`dal.backends.copytext`) into ``table``."""
         try:
-            if self._begin and _FOLD_COPY:
-                await self._copy_after_begin(table, columns, "text", source=source)
-            else:
-                if self._begin:
-                    await self._send_begin()
-                await self._conn.copy_to_table(table, source=source, columns=list(columns), format="text")
+            await self._copy(table, columns, "text", source=source)
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+
+    async def _copy(
+        self,
+        table: str,
+        columns: Sequence[str],
+        fmt: str,
+        *,
+        records: Sequence[Sequence[Any]] | None = None,
+        source: AsyncIterable[memoryview] | None = None,
+    ) -> None:
+        if self._begin and _FOLD_COPY:
+            await self._copy_after_begin(table, columns, fmt, records=records, source=source)
+            return
+        if self._begin:
+            await self._send_begin()
+        if records is not None:
+            await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
+        else:
+            await self._conn.copy_to_table(table, source=source, columns=list(columns), format=fmt)
 
     async def _copy_after_begin(
         self,
