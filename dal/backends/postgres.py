@@ -177,29 +177,20 @@ class PostgresConnection:
         records: Sequence[Sequence[Any]] | None = None,
         source: AsyncIterable[memoryview] | None = None,
     ) -> None:
-        if self._begin and _FOLD_COPY:
-            await self._copy_after_begin(table, columns, fmt, records=records, source=source)
-            return
-        if self._begin:
-            await self._send_begin()
-        if records is not None:
-            await self._conn.copy_records_to_table(table, records=records, columns=list(columns))
-        else:
-            await self._conn.copy_to_table(table, source=source, columns=list(columns), format=fmt)
-
-    async def _copy_after_begin(
-        self,
-        table: str,
-        columns: Sequence[str],
-        fmt: str,
-        *,
-        records: Sequence[Sequence[Any]] | None = None,
-        source: AsyncIterable[memoryview] | None = None,
-    ) -> None:
-        """``BEGIN;COPY ... FROM STDIN`` as one simple query, its data right behind it:
-        one round trip. What asyncpg's copy_records_to_table / copy_to_table do, with
-        BEGIN in front (the server's answer to BEGIN is skipped by asyncpg's COPY state)."""
+        """COPY ``records`` (binary) or ``source`` (text) into ``table``. In a
+        transaction whose BEGIN is not sent yet: ``BEGIN;COPY ... FROM STDIN`` as one
+        simple query, its data right behind it, one round trip. That is what asyncpg's
+        copy_records_to_table / copy_to_table do, with BEGIN in front (asyncpg's COPY
+        state skips the server's answer to BEGIN)."""
         conn = self._conn
+        if not (self._begin and _FOLD_COPY):
+            if self._begin:
+                await self._send_begin()
+            if records is not None:
+                await conn.copy_records_to_table(table, records=records, columns=list(columns))
+            else:
+                await conn.copy_to_table(table, source=source, columns=list(columns), format=fmt)
+            return
         tab = _quote(table)
         cols = ", ".join(map(_quote, columns))
         state = None
