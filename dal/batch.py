@@ -449,6 +449,7 @@ class BatchPlanner:
         except BaseException:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # (as gather waits for its children)
             raise
         await asyncio.gather(*tasks)
         result.batches = len(tasks)
@@ -1118,8 +1119,8 @@ class BatchWriter:
                 fut: asyncio.Future[None] = loop.create_future()
                 run.items.append(_Pending(fut, row, shape.key(values), values))
                 q.rows += 1
-                if not q.busy and q.rows >= self.max_rows:
-                    self._drain(slot)
+                if not q.busy:
+                    self._due(slot, q, loop)
                 await fut
                 return
         accepted = self._accept("insert", row)
@@ -1163,11 +1164,15 @@ class BatchWriter:
             runs.append(_Run(op, shape, p))
         q.rows += 1
         if not q.busy:
-            if q.rows >= self.max_rows:
-                self._drain(slot)
-            elif q.timer is None:
-                q.timer = loop.call_later(self.max_delay, self._drain, slot)
+            self._due(slot, q, loop)
         return fut
+
+    def _due(self, slot: int, q: _TableQueue, loop: asyncio.AbstractEventLoop) -> None:
+        """An idle table's queue: send it when full, else once its oldest row waited max_delay."""
+        if q.rows >= self.max_rows:
+            self._drain(slot)
+        elif q.timer is None:
+            q.timer = loop.call_later(self.max_delay, self._drain, slot)
 
     def _accept(self, op: Op, item: Any) -> tuple[int, Any, tuple[Any, ...], Shape]:
         """Validate one row (or key): its slot, key, values in the shape's column order, and shape.
@@ -1324,11 +1329,12 @@ class BatchWriter:
         self._release(len(items))
 
     async def flush(self) -> None:
-        """Send everything queued now and wait for it."""
+        """Send everything queued now and wait for it. Cancelling the wait (a timeout
+        around flush()) leaves the writes going: their callers still get their outcome."""
         for slot in range(len(self._queues)):
             self._drain(slot)
         while self._flushing:
-            await asyncio.gather(*list(self._flushing), return_exceptions=True)
+            await asyncio.gather(*map(asyncio.shield, list(self._flushing)), return_exceptions=True)
 
     async def aclose(self) -> None:
         """Flush every accepted row; later writes raise."""

@@ -6,11 +6,14 @@ Bind/Execute of the cached statement. Connections stay in autocommit; a
 transaction is an explicit ``BEGIN`` ... ``COMMIT``.
 
 ``BEGIN`` is sent with the transaction's first statement rather than on its
-own: prefixed to it when that statement goes as a simple query (no
-parameters) or is a COPY, else just before it. A batch transaction (BEGIN,
-COPY, COMMIT) then costs two round trips instead of three. Nothing changes
-for the server: a transaction takes its snapshot at its first statement
-either way, and one that ends before any statement did nothing.
+own: in front of it when that statement is a COPY (``BEGIN;COPY ...``, one
+simple query), else just before it. A batch transaction (BEGIN, COPY,
+COMMIT) then costs two round trips instead of three. Nothing changes for the
+server: a transaction takes its snapshot at its first statement either way,
+and one that ends before any statement did nothing. Only dal's own COPY
+statement, built from quoted identifiers, gets BEGIN in front: the server
+parses a query string whole, so a statement it could not parse would take
+BEGIN down with it.
 """
 
 from __future__ import annotations
@@ -102,12 +105,16 @@ def _quote(name: str) -> str:
 
 
 class PostgresConnection:
-    __slots__ = ("_begin", "_conn", "_node", "broken", "created_at", "last_used", "server_version")
+    __slots__ = ("_begin", "_conn", "_node", "_open", "broken", "created_at", "last_used", "server_version")
 
     def __init__(self, conn: asyncpg.Connection, node: str) -> None:
         self._conn = conn
         self._node = node
         self._begin = False  # begin() was called and BEGIN is not sent yet
+        # begin() was called and neither commit() nor rollback() since: asyncpg learns
+        # the server's transaction state from its replies, and a COPY that failed on
+        # this side may have none read yet when the connection goes back to the pool.
+        self._open = False
         self.server_version: int = conn.get_server_version().major
         self.broken = False
         self.created_at = 0.0
@@ -132,9 +139,6 @@ class PostgresConnection:
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             if self._begin:
-                if not params:  # a simple query: BEGIN goes in front of it
-                    self._begin = False
-                    return _rowcount(await self._conn.execute("BEGIN;" + sql))
                 await self._send_begin()
             return _rowcount(await self._conn.execute(sql, *params))
         except _ERRORS as exc:
@@ -205,24 +209,28 @@ class PostgresConnection:
 
     async def begin(self) -> None:
         """Start a transaction: BEGIN goes with its first statement (module docstring)."""
-        if self._begin or self._conn.is_in_transaction():
+        if self._open or self._conn.is_in_transaction():
             raise QueryError(f"{self._node}: a transaction is already open on this connection")
-        self._begin = True
+        self._begin = self._open = True
 
     async def commit(self) -> None:
-        if self._begin:  # nothing was sent in it
-            self._begin = False
-            return
-        await self.execute("COMMIT", ())
+        await self._end("COMMIT")
 
     async def rollback(self) -> None:
-        if self._begin:
-            self._begin = False
+        await self._end("ROLLBACK")
+
+    async def _end(self, sql: str) -> None:
+        if self._begin:  # nothing was sent in it
+            self._begin = self._open = False
             return
-        await self.execute("ROLLBACK", ())
+        try:
+            await self.execute(sql, ())
+        finally:
+            # Ended (or, when the connection failed, it is broken and will not be reused).
+            self._open = False
 
     def in_transaction(self) -> bool:
-        return self._begin or bool(self._conn.is_in_transaction())
+        return self._open or bool(self._conn.is_in_transaction())
 
     async def close(self) -> None:
         await self._conn.close(timeout=5)

@@ -1,8 +1,8 @@
 """PostgreSQL transactions: BEGIN travels with the transaction's first statement.
 
-``PostgresConnection.begin()`` sends nothing; BEGIN goes in front of the first
-simple query or COPY (one round trip for both), or on its own just before a
-statement with parameters. These tests watch the server: the backend's state
+``PostgresConnection.begin()`` sends nothing; BEGIN goes in front of the
+transaction's first COPY (one round trip for both), or on its own just before
+any other first statement. These tests watch the server: the backend's state
 and last query text in ``pg_stat_activity``, and what another connection
 sees, so they fail if BEGIN were sent early, sent separately before a COPY,
 or lost (a COPY committed on its own would be visible outside at once).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dal import DataLayer, DuplicateKeyError
+from dal import DataError, DataLayer, DuplicateKeyError, QueryError
 from dal.backends import postgres
 from dal.backends.postgres import PostgresConnection
 from dal.cluster import Node
@@ -96,11 +96,12 @@ async def test_begin_is_sent_with_a_text_copy(probe: Probe) -> None:
     assert await probe.ids_outside() == [7, 8]
 
 
-async def test_begin_is_sent_with_a_simple_query_and_before_parameters(probe: Probe) -> None:
+async def test_begin_is_sent_before_other_statements(probe: Probe) -> None:
     conn, t = probe.conn, probe.table
     await conn.begin()
     assert await conn.execute(f"INSERT INTO \"{t}\" (id, name, active) VALUES (10, 'ten', true)", ()) == 1
-    assert (await probe.activity())[1].startswith("BEGIN;INSERT")
+    state, query = await probe.activity()
+    assert state == "idle in transaction" and query.startswith("INSERT")  # BEGIN went alone, before it
     await conn.rollback()
     assert await probe.ids_outside() == []
 
@@ -155,3 +156,35 @@ async def test_without_folding_begin_goes_alone(probe: Probe, monkeypatch: pytes
     assert await probe.ids_outside() == []
     await conn.commit()
     assert await probe.ids_outside() == [30]
+
+
+async def test_a_first_statement_the_server_cannot_parse_leaves_the_transaction_aborted(probe: Probe) -> None:
+    """The server parses a query string whole: BEGIN in front of a statement it cannot
+    parse would never run, and the statements after it would commit one by one."""
+    conn, t = probe.conn, probe.table
+    await conn.begin()
+    with pytest.raises(QueryError):
+        await conn.execute("SELEC 1", ())
+    assert conn.in_transaction()
+    with pytest.raises(QueryError, match="aborted"):
+        await conn.execute(f'INSERT INTO "{t}" (id, name, active) VALUES ($1, $2, $3)', (40, "forty", True))
+    await conn.rollback()
+    assert not conn.in_transaction()
+    assert await probe.ids_outside() == []
+
+
+async def test_a_copy_refused_on_this_side_keeps_the_transaction_open(probe: Probe) -> None:
+    """A value the binary encoder refuses fails the COPY before the server's answer is
+    read: the connection still counts as in a transaction (the pool rolls it back
+    rather than hand it on), and rolling back leaves it clean."""
+    conn = probe.conn
+    await conn.begin()
+    with pytest.raises(DataError):
+        await conn.copy_records(probe.table, COLUMNS, [(50, "fifty", None, "not an int", True)])
+    assert conn.in_transaction()
+    await conn.rollback()
+    assert not conn.in_transaction()
+    await conn.begin()
+    await conn.copy_records(probe.table, COLUMNS, rows(51))
+    await conn.commit()
+    assert await probe.ids_outside() == [51]

@@ -18,7 +18,7 @@ import pytest
 from dal import DalError, DataLayer, DuplicateKeyError, UnknownColumnError, ValidationError
 from dal import batch as batch_mod
 from dal.batch import BatchWriter
-from tests.batch_support import SHARDS, Raw, expected_batches
+from tests.batch_support import SHARDS, Raw, db_of_slot, expected_batches, slot_of
 
 
 def user(i: int, **over: Any) -> dict[str, Any]:
@@ -258,3 +258,35 @@ async def test_max_delay_flushes_a_lone_row(lay: DataLayer, raw: Raw) -> None:
     finally:
         await w.aclose()
     assert set(await raw.users()) == {1, 2}
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_a_cancelled_flush_leaves_the_writes_going(lay: DataLayer, raw: Raw, urls: list[str]) -> None:
+    """A timeout around flush() stops the wait, not the writes: the batch in flight
+    and the rows queued behind it are committed once the table is free, and their
+    callers (and later ones) get their outcome without another flush."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    ids = [i for i in range(1, 1000) if slot_of(i) == 1 and i % 3][:4]  # one physical table, one row shape
+    users = lay.repository("users")
+    w = users.writer(max_rows=100, max_delay=0.005)
+    locker = await asyncpg.connect(str(make_url(urls[0]).set(drivername="postgresql")))
+    assert db_of_slot(1) == "db0"
+    tx = locker.transaction()
+    await tx.start()
+    await locker.execute('LOCK TABLE "users_1" IN ACCESS EXCLUSIVE MODE')
+    first = asyncio.create_task(w.insert(user(ids[0])))
+    await asyncio.sleep(0.1)  # its batch is in flight, waiting for the lock
+    queued = [asyncio.create_task(w.insert(user(i))) for i in ids[1:3]]
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(w.flush(), 0.3)
+    await tx.rollback()
+    await locker.close()
+    later = asyncio.create_task(w.insert(user(ids[3])))
+    _, pending = await asyncio.wait([first, *queued, later], timeout=5)
+    assert not pending
+    assert [t.result() for t in (first, *queued, later)] == [None] * 4
+    assert sorted(await raw.users()) == sorted(ids)
+    await w.aclose()

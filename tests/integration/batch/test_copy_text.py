@@ -713,6 +713,37 @@ async def test_a_batch_cut_off_mid_copy_reports_all_its_keys(
     assert res.committed == len(stored) and res.committed + len(failure.keys) == len(ids)
 
 
+
+@only_pg
+async def test_a_cancelled_load_leaves_no_batch_running(clay: DataLayer, raw: Raw, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelling insert_many while its batches are sending returns only once they
+    are over (as a gather of them would): nothing of the call is left running, no
+    connection is left in a transaction, and nothing of it is committed."""
+    from dal.batch import _TextSource
+
+    monkeypatch.setattr(_TextSource, "CHUNK", 256)
+    sending = asyncio.Event()
+    real = PostgresConnection.copy_text
+
+    async def spy(self: PostgresConnection, *args: Any) -> None:
+        sending.set()
+        await real(self, *args)
+
+    monkeypatch.setattr(PostgresConnection, "copy_text", spy)
+    nums = clay.repository("nums")
+    before = asyncio.all_tasks()
+    load = asyncio.create_task(nums.insert_many(num_rows(range(1, 20_001))))
+    await sending.wait()
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    left = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
+    assert left == []
+    for db in ("db0", "db1"):
+        assert not any(c.in_transaction() for c in clay.cluster.primary(db).pool._idle)
+    assert await physical(raw, "nums", NUMS_COLUMNS) == {}
+
+
 # --------------------------------------------------------------------------- BatchWriter
 
 
