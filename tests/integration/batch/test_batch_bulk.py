@@ -532,7 +532,7 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
     batches of one database send their rows at a time, the databases at the same time;
     a batch waiting for its COMMIT does not hold up the next. (SQLite has one writer:
     a second batch waits at BEGIN IMMEDIATE until the first has committed.)"""
-    from dal.batch import BatchPlanner
+    from dal.batch import BatchPlanner, _Streams
 
     sending: dict[str, int] = dict.fromkeys(DBS, 0)
     most: dict[str, int] = dict.fromkeys(DBS, 0)
@@ -561,8 +561,16 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
         finally:
             committing[db] -= 1
 
+    tasks = [0]  # most batch tasks alive at once
+    start = _Streams._start
+
+    def spy_start(self: _Streams, db: str) -> None:
+        start(self, db)
+        tasks[0] = max(tasks[0], len(self.running))
+
     monkeypatch.setattr(BatchPlanner, "_apply", spy_apply)
     monkeypatch.setattr(BatchPlanner, "_commit", spy_commit)
+    monkeypatch.setattr(_Streams, "_start", spy_start)
     ids = list(range(1, 2001))
     res = await lay.repository("users").insert_many([user(i) for i in ids], batch_size=50)
     assert res.ok and res.committed == len(ids)
@@ -573,4 +581,6 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
         assert most == dict.fromkeys(DBS, 2), most  # never more, and the second stream is used
         assert busy[0] > 2  # two sending while another commits (with streams held through COMMIT: 2)
     assert both[0] == len(DBS)  # the databases are written concurrently
+    # a task per batch running (sending, or committing on a pooled connection), not per batch
+    assert 2 <= tasks[0] <= len(DBS) * (2 + 8) < res.batches, tasks
     assert sorted(await raw.keys("users")) == ids
