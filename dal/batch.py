@@ -184,8 +184,7 @@ class _Streams:
                 self._start(db)
 
         try:
-            async with self.planner.layer._fanout:
-                await self.planner._run_batch(self.op, b, self.result, sent)
+            await self.planner._run_batch(self.op, b, self.result, sent)
         finally:
             sent()
 
@@ -516,8 +515,12 @@ class BatchPlanner:
         await self._invalidate(op, [k for b in batches for k in b.keys])
 
     async def _run_batch(self, op: Op, b: _Batch, result: BatchResult, sent: Callable[[], None]) -> None:
+        """One batch within ``fanout_concurrency``, its outcome recorded in ``result``.
+        A failure's culprits are looked up after the permit is given back: the lookup
+        takes one of its own (with ``fanout_concurrency=1`` it would wait forever)."""
         try:
-            affected = await self.execute(op, b, sent)
+            async with self.layer._fanout:
+                affected = await self.execute(op, b, sent)
         except DalError as exc:
             if b.text is not None:
                 b.text.finish()  # a live batch learns its last keys as its rows are rendered

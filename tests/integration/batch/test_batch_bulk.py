@@ -167,6 +167,22 @@ async def test_duplicate_already_in_table_fails_only_its_batch(lay: DataLayer, r
     assert summary(results[0]) == summary(results[1])
 
 
+async def test_duplicate_is_named_with_one_fanout_permit(lay: DataLayer, urls: list[str]) -> None:
+    """With fanout_concurrency=1 the lookup of a failed batch's culprit keys needs the
+    only permit: the batch gives it back first (else the call would never return)."""
+    from tests.batch_support import make_layer
+
+    dup = 437
+    await lay.repository("users").insert(user(dup, name="pre-existing"))
+    async with make_layer(urls, fanout_concurrency=1) as one:
+        res = await asyncio.wait_for(
+            one.repository("users").insert_many([user(i) for i in range(1, 1001)], batch_size=50, raise_on_error=False),
+            30,
+        )
+    assert [f.failed_keys for f in res.failures] == [[dup]]
+    assert res.committed == 1000 - len(res.failures[0].keys)
+
+
 async def test_duplicate_inside_the_input_fails_only_its_batch(lay: DataLayer, raw: Raw) -> None:
     users = lay.repository("users")
     batch_size = 100
