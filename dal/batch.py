@@ -56,7 +56,14 @@ import sqlalchemy as sa
 
 from dal.backends import connector_for
 from dal.backends.base import Connection
-from dal.backends.copytext import Form, text_forms, text_lines, text_payload
+from dal.backends.copytext import (
+    Form,
+    join_lines,
+    text_columns,
+    text_forms,
+    text_lines,
+    text_payload,
+)
 from dal.cache.keys import encode_cache_key
 from dal.errors import (
     BatchError,
@@ -372,10 +379,12 @@ class BatchPlanner:
             # COPYs are sending (a str key's UTF-8 encoding can fail: computed here).
             forms = self._text_forms(list(range(n)), columns, cols, kinds)
             if forms is not None:
-                return _LiveBatches(
-                    self.repo._primary_targets, columns, overwrite,
-                    _LiveTextSource([cols[c] for c in columns], forms, batch_size, shard, keys_list, n),
-                )
+                at = columns.index(t.shard_key)
+                if forms[at] is int.__repr__:  # (no NULLs: a shard key never is)
+                    return _LiveBatches(
+                        self.repo._primary_targets, columns, overwrite,
+                        _LiveTextSource([cols[c] for c in columns], forms, batch_size, at, keys_list, n),
+                    )
         try:
             slots = list(map(n.__rmod__, map(zlib.crc32, encoded)))
         except UnicodeEncodeError:
@@ -915,20 +924,32 @@ class _LiveTextSource(_TextSource):
     """
 
     def __init__(
-        self, columns: list[list[Any]], forms: list[Form], batch_size: int, shard: list[int], keys: list[Any],
+        self, columns: list[list[Any]], forms: list[Form], batch_size: int, shard_at: int, keys: list[Any],
         slots: int,
     ) -> None:
         super().__init__(columns, forms, [], batch_size, {})
-        self.shard = shard
+        self.shard_at = shard_at  # the shard key's column, ints
         self.keys = keys
         self.n = slots
         self.open: dict[int, _Batch] = {}  # per slot, its batch still taking rows
         self.open_batch: Callable[[int], _Batch] = _no_batch
 
-    def _hand_out(self, start: int, end: int, lines: list[str]) -> None:
+    def step(self) -> bool:
+        start, end = self.pos, min(self.pos + self.CHUNK, self.total)
+        if start >= end:
+            return False
+        self.pos = end
+        texts = text_columns([c[start:end] for c in self.columns], self.forms)
+        # = the sharder's slot of each key (str(key).encode(), CRC32 IEEE, mod n), from
+        # the key's COPY text (int.__repr__), which is rendered anyway
         n = self.n
-        # = the sharder's slot of each key (str(key).encode(), CRC32 IEEE, mod n)
-        slots = list(map(n.__rmod__, map(zlib.crc32, map(b"%d".__mod__, self.shard[start:end]))))
+        slots = list(map(n.__rmod__, map(zlib.crc32, map(str.encode, texts[self.shard_at]))))
+        self._place(start, end, join_lines(texts), slots)
+        return True
+
+    def _place(self, start: int, end: int, lines: list[str], slots: list[int]) -> None:
+        """Hand rows ``start:end`` (their lines and slots) to their tables' open batches."""
+        n = self.n
         lines_by = _by_slot(slots, n, lines)
         keys_by = _by_slot(slots, n, self.keys[start:end])
         size = self.batch_size

@@ -71,7 +71,16 @@ def _or_null(form: Form) -> Callable[[Any], str]:
 
 def text_lines(columns: Sequence[Sequence[Any]], forms: Sequence[Form]) -> list[str]:
     """Rows, given column by column, as lines of COPY's text format (without the newline)."""
-    texts = [values if form is None else list(map(form, values)) for values, form in zip(columns, forms, strict=True)]
+    return join_lines(text_columns(columns, forms))
+
+
+def text_columns(columns: Sequence[Sequence[Any]], forms: Sequence[Form]) -> list[Sequence[str]]:
+    """Each column's values as COPY text."""
+    return [values if form is None else list(map(form, values)) for values, form in zip(columns, forms, strict=True)]
+
+
+def join_lines(texts: Sequence[Sequence[str]]) -> list[str]:
+    """Columns of :func:`text_columns` as lines (without the newline)."""
     return list(map("\t".join, zip(*texts)))  # noqa: B905 - columns of one length
 
 

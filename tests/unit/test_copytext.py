@@ -110,7 +110,7 @@ def test_live_source_cuts_the_same_batches_as_the_planner(
     columns: list[list[Any]] = [ids, names]
     forms = text_forms(columns)
     assert forms is not None
-    source = _LiveTextSource(columns, forms, batch_size, ids, ids, 4)
+    source = _LiveTextSource(columns, forms, batch_size, 0, ids, 4)
     opened: list[tuple[int, Any]] = []
 
     def open_batch(slot: int) -> Any:
