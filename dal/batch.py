@@ -373,18 +373,20 @@ class BatchPlanner:
                 return None  # repeated keys: folded row by row
             # the columns given; the defaults filled in above are for new rows only
             overwrite = tuple(c for c in names if c not in t.primary_key)
-        if live and shard_kinds == {int}:
+        # COPY text when every physical table is on PostgreSQL (else decided below,
+        # for the tables the rows land in), worked out once.
+        all_pg = self._on_postgres(range(n))
+        forms = self._text_forms(0, columns, cols, kinds) if all_pg else None
+        if live and forms is not None and shard_kinds == {int}:
             # Every row is valid by now; which physical table each goes to is grouping,
             # not validation: the CRC32s are computed a chunk at a time while the first
             # COPYs are sending (a str key's UTF-8 encoding can fail: computed here).
-            forms = self._text_forms(list(range(n)), columns, cols, kinds)
-            if forms is not None:
-                at = columns.index(t.shard_key)
-                if forms[at] is int.__repr__:  # (no NULLs: a shard key never is)
-                    return _LiveBatches(
-                        self.repo._primary_targets, columns, overwrite,
-                        _LiveTextSource([cols[c] for c in columns], forms, batch_size, at, keys_list, n),
-                    )
+            at = columns.index(t.shard_key)
+            if forms[at] is int.__repr__:  # (no NULLs: a shard key never is)
+                return _LiveBatches(
+                    self.repo._primary_targets, columns, overwrite,
+                    _LiveTextSource([cols[c] for c in columns], forms, batch_size, at, keys_list, n),
+                )
         try:
             slots = list(map(n.__rmod__, map(zlib.crc32, encoded)))
         except UnicodeEncodeError:
@@ -392,7 +394,8 @@ class BatchPlanner:
         used = sorted(set(slots))
         keys_by_slot = _by_slot(slots, n, keys_list)
         targets = self.repo._primary_targets
-        forms = self._text_forms(used, columns, cols, kinds)
+        if not all_pg and self._on_postgres(used):
+            forms = self._text_forms(used[0], columns, cols, kinds)
         if forms is not None:
             # PostgreSQL: COPY text, rendered while the first batches are on the wire.
             feeds: dict[int, list[_TextFeed]] = {}
@@ -415,16 +418,17 @@ class BatchPlanner:
                 out.append(_Batch(targets[slot], recs[s : s + batch_size], ks[s : s + batch_size], columns, overwrite))
         return out
 
-    def _text_forms(
-        self, slots: list[int], columns: tuple[str, ...], cols: dict[str, list[Any]], kinds: dict[str, set[type]]
-    ) -> list[Form] | None:
-        """How to render the rows as COPY text, when every slot is on PostgreSQL, every
-        column is sent as is (no bind processor but the redundant Boolean one) and every
-        value has a text form; else ``None`` (binary records)."""
+    def _on_postgres(self, slots: Iterable[int]) -> bool:
         stmts = self.repo._stmts
-        if any(stmts[s].dialect.name != "postgresql" for s in slots):
-            return None
-        c = stmts[slots[0]].insert(slots[0], columns)
+        return all(stmts[s].dialect.name == "postgresql" for s in slots)
+
+    def _text_forms(
+        self, slot: int, columns: tuple[str, ...], cols: dict[str, list[Any]], kinds: dict[str, set[type]]
+    ) -> list[Form] | None:
+        """How to render rows bound for PostgreSQL (``slot``: one of their tables) as
+        COPY text, when every column is sent as is (no bind processor but the redundant
+        Boolean one) and every value has a text form; else ``None`` (binary records)."""
+        c = self.repo._stmts[slot].insert(slot, columns)
         phys = self.table.table
         if not all(
             p is None or isinstance(phys.c[name].type, sa.Boolean)
@@ -440,10 +444,10 @@ class BatchPlanner:
         """Give a PostgreSQL insert batch its rows as COPY text when every value has a
         text form (as :meth:`plan` does for bulk loads): asyncpg's binary encoder
         spends about 1 µs on each Decimal, its text about 0.15 µs."""
-        if self.repo._stmts[b.target.slot].dialect.name != "postgresql":
+        if not self._on_postgres([b.target.slot]):
             return
         cols = list(map(list, zip(*b.rows)))  # noqa: B905 - rows of one shape
-        forms = self._text_forms([b.target.slot], b.columns, dict(zip(b.columns, cols, strict=True)), {})
+        forms = self._text_forms(b.target.slot, b.columns, dict(zip(b.columns, cols, strict=True)), {})
         if forms is not None:
             feed = _TextFeed(0)
             feed.chunks.append(text_payload(text_lines(cols, forms)))
@@ -979,6 +983,10 @@ def _no_batch(slot: int) -> _Batch:
     raise RuntimeError("a live COPY text source was stepped before its batches were wired")
 
 
+def _no_start(b: _Batch) -> None:
+    raise RuntimeError("a live batch was opened before anything would run it")  # (it would be lost)
+
+
 class _LiveBatches:
     """A bulk load planned before its rows' physical tables are known: its
     :class:`_LiveTextSource` opens the batches as it renders the rows, and each is
@@ -992,7 +1000,7 @@ class _LiveBatches:
         self.columns = columns
         self.overwrite = overwrite
         self.source = source
-        self.started: Callable[[_Batch], None] = lambda b: None
+        self.started: Callable[[_Batch], None] = _no_start
         source.open_batch = self._open
 
     def _open(self, slot: int) -> _Batch:
