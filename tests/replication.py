@@ -986,7 +986,9 @@ class MariaDBReplicaSet:
             "--max-connections=200",
         ]  # fmt: skip
         if role == "replica":
-            argv.append("--read-only=ON")
+            # (replication is started by hand: at set-up, and after a restart once the
+            # applied position is checked, see start_replica)
+            argv += ["--read-only=ON", "--skip-slave-start"]
         argv += self.extra_args
         return _Server(
             f"mariadbd {role}",
@@ -1151,8 +1153,19 @@ class MariaDBReplicaSet:
         server.kill()
 
     def start_replica(self, *, wait_io_running: bool = True) -> None:
-        """Restart the replica on the same port; replication restarts by itself."""
+        """Restart the replica on the same port, and replication with it."""
         self._restart("replica")
+        # A replica killed between applying a transaction (a DDL, whose position is
+        # recorded in a step of its own) and recording its position has it in its own
+        # binlog (log_slave_updates) but not in gtid_slave_pos: it would apply it
+        # again, which gtid strict mode refuses ("out-of-order sequence number"),
+        # and replication would stop. Its binlog says what it applied.
+        binlog = self.replica_sql("SELECT @@gtid_binlog_pos", database=None)
+        applied = _parse_gtid_pos(self.replica_sql("SELECT @@gtid_slave_pos", database=None))
+        logged = _parse_gtid_pos(binlog)
+        if logged != applied and all(logged.get(d, -1) >= n for d, n in applied.items()):
+            self.replica_sql(f"SET GLOBAL gtid_slave_pos = '{binlog}'", database=None)
+        self.replica_sql("START SLAVE", database=None)
         if wait_io_running and self._primary is not None and self._primary.running:
             self._wait_io_running()
 
