@@ -564,6 +564,7 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
         both[0] = max(both[0], sum(1 for n in sending.values() if n))
         busy[0] = max(busy[0], sending[db] + committing[db])
         try:
+            await asyncio.sleep(0.01)  # a batch takes a while to send (then streams overlap by design, not by luck)
             return await apply(self, op, conn, node, b)
         finally:
             sending[db] -= 1
