@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 
 from dal.backends import connector_for
-from dal.backends.base import Connection
+from dal.backends.base import Connection, unsettled
 from dal.backends.copytext import (
     Form,
     join_lines,
@@ -73,11 +73,13 @@ from dal.errors import (
     DalError,
     DuplicateKeyError,
     InputError,
+    QueryTimeoutError,
     ShardKeyError,
     ValidationError,
+    outcome_unknown,
 )
 from dal.routing.router import Target
-from dal.schema import _default_value, as_mapping
+from dal.schema import _default_value, as_mapping, not_a_collection
 from dal.sql import CONVERT_ERRORS, Compiled, compile_statement, unconvertible
 
 if TYPE_CHECKING:
@@ -245,6 +247,7 @@ class BatchPlanner:
     def _plan(self, op: Op, items: Iterable[Any], batch_size: int, *, stream: bool, live: bool) -> list[_Batch] | _LiveBatches:
         if type(batch_size) is not int or batch_size < 1:
             raise ValidationError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        not_a_collection(items, "keys" if op == "delete" else "rows", self.table.name)
         if op in ("insert", "upsert") and isinstance(items, list) and len(items) > 1:
             fast = self._plan_columns(items, batch_size, op, stream, live)
             if fast is not None:
@@ -512,7 +515,11 @@ class BatchPlanner:
         conn = await node.pool.acquire()
         try:
             done = await self._transaction(op, conn, node, batches)
-        except DalError as exc:
+        except BaseException as exc:
+            if outcome_unknown(exc):  # COMMIT sent, outcome unknown: as if committed
+                await self._invalidate(op, [k for b in batches for k in b.keys], exc)
+            if not isinstance(exc, DalError):
+                raise
             keys = [k for b in batches for k in b.keys]
             result.failures.append(
                 BatchFailure(batches[0].target.table, batches[0].target.database, keys, exc,
@@ -554,6 +561,12 @@ class BatchPlanner:
         node.queries += 1
         try:
             affected = await self._transaction(op, conn, node, [b], sent)
+        except BaseException as exc:
+            if outcome_unknown(exc):  # COMMIT sent, outcome unknown: as if committed
+                if b.text is not None:
+                    b.text.finish()  # (all its keys)
+                await self._invalidate(op, b.keys, exc)
+            raise
         finally:
             node.in_flight -= 1
             node.pool.release(conn)
@@ -595,7 +608,7 @@ class BatchPlanner:
         try:
             await conn.commit()
         except Exception as exc:
-            if isinstance(exc, DalError) and not isinstance(exc, ConnectionUnavailableError):
+            if isinstance(exc, DalError) and not isinstance(exc, ConnectionUnavailableError | QueryTimeoutError):
                 raise  # the server answered: rolled back
             conn.broken = True
             lost = exc if isinstance(exc, DalError) else _suspect(conn, node, exc)
@@ -609,7 +622,9 @@ class BatchPlanner:
     async def _committed_after_all(self, node: Node, op: Op, batches: list[_Batch], exc: DalError) -> bool:
         """Whether an insert batch whose COMMIT was cut off is on the primary (waits for it to return)."""
         if op != "insert":
-            raise CommitUnknownError(f"connection lost during COMMIT of a {op} batch: outcome unknown ({exc})") from exc
+            raise CommitUnknownError(
+                f"{node.name}: connection lost during COMMIT of a {op} batch: outcome unknown ({exc})", node=node.name
+            ) from exc
         deadline = time.monotonic() + self.layer.config.in_doubt_timeout
         b = batches[0]
         t = self.table
@@ -631,7 +646,8 @@ class BatchPlanner:
                 if time.monotonic() > deadline:
                     raise CommitUnknownError(
                         f"connection lost during COMMIT on {node.name} and the primary did not come back "
-                        f"within {self.layer.config.in_doubt_timeout}s: outcome unknown"
+                        f"within {self.layer.config.in_doubt_timeout}s: outcome unknown",
+                        node=node.name,
                     ) from exc
                 await asyncio.sleep(0.2)
                 continue
@@ -650,13 +666,19 @@ class BatchPlanner:
             return repeated
         return list(dict.fromkeys([*existing, *repeated]))
 
-    async def _invalidate(self, op: Op, keys: list[Any]) -> None:
+    async def _invalidate(self, op: Op, keys: list[Any], in_doubt: BaseException | None = None) -> None:
+        """After a commit of ``keys`` (or one whose outcome ``in_doubt`` left unknown: then once
+        more when the server confirms the interrupted statement over, if that is under way)."""
         cache = self.repo._cache
         if cache is None:
             return
         t = self.table
         encs = [encode_cache_key(k if isinstance(k, tuple) and len(t.primary_key) > 1 else (k,)) for k in keys]
-        await cache.invalidate(encs, inserted=op in ("insert", "upsert"))
+        inserted = op in ("insert", "upsert")
+        await cache.invalidate(encs, inserted=inserted)
+        pending = unsettled(in_doubt) if in_doubt is not None else None
+        if pending is not None:
+            pending.add_done_callback(lambda _: cache.runtime.spawn(cache.invalidate(encs, inserted=inserted)))
 
     # -- statements per backend ---------------------------------------------------------------
     async def _apply(self, op: Op, conn: Connection, node: Node, b: _Batch) -> int:
@@ -1377,7 +1399,7 @@ class BatchWriter:
             # A lost connection (or an unknown COMMIT outcome) is no row's fault: splitting
             # would not isolate anything, only multiply the attempts on a server that is
             # gone (starving the lookups of in-doubt COMMITs of connections).
-            if len(items) == 1 or isinstance(exc, ConnectionUnavailableError):
+            if len(items) == 1 or isinstance(exc, ConnectionUnavailableError | CommitUnknownError | QueryTimeoutError):
                 self._settle_all(items, exc)
                 return
             # Rolled back as a whole: split to isolate the rows that fail, in order
@@ -1428,6 +1450,7 @@ async def run_many(
     repo: Repository[Any], op: Op, items: Iterable[Any], *, batch_size: int, atomic: bool, raise_on_error: bool
 ) -> BatchResult:
     planner = BatchPlanner(repo)
+    not_a_collection(items, "keys" if op == "delete" else "rows", repo.table.name)
     items = list(items)
     if atomic:
         batches: list[_Batch] | _LiveBatches = planner.plan(op, items, batch_size, stream=True)

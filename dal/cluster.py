@@ -22,9 +22,15 @@ from dataclasses import replace
 from typing import Any
 
 from dal.backends import Connection, Pool, connector_for
-from dal.backends.base import Row, mark_if_lost
+from dal.backends.base import Row, mark_if_lost, unsettled
 from dal.config import Backend, Config, NodeSpec
-from dal.errors import ConnectionUnavailableError, RoutingError
+from dal.errors import (
+    CommitUnknownError,
+    ConnectionUnavailableError,
+    DalError,
+    QueryTimeoutError,
+    RoutingError,
+)
 from dal.routing.balancing import Balancer, BalancerFactory, balancer_factory
 from dal.routing.router import Role, Target
 
@@ -109,6 +115,10 @@ class Node:
             self.observer(self, sql)
         try:
             return await conn.execute(sql, params)
+        except ConnectionUnavailableError as exc:
+            # Sent outside a transaction, so it commits by itself: the write may have landed.
+            mark_if_lost(conn, exc)
+            raise in_doubt(self.name, "a write", exc) from exc
         except BaseException as exc:
             mark_if_lost(conn, exc)
             raise
@@ -140,12 +150,29 @@ class Node:
                 raise
             try:
                 await conn.commit()
+            except (ConnectionUnavailableError, QueryTimeoutError) as exc:
+                mark_if_lost(conn, exc)
+                raise in_doubt(self.name, "COMMIT", exc) from exc
             except BaseException as exc:
                 mark_if_lost(conn, exc)
                 raise
         finally:
             self.in_flight -= 1
             self.pool.release(conn)
+
+
+def in_doubt(node: str, what: str, exc: DalError) -> CommitUnknownError:
+    """The error for ``what`` (a write outside a transaction, a COMMIT) cut off by ``exc`` after
+    it was sent: its outcome is unknown. Carries on ``exc``'s unfinished settling, if any."""
+    err = CommitUnknownError(
+        f"{node}: {what} was sent and its outcome is unknown ({type(exc).__name__}: {exc}); "
+        "it may have landed",
+        node=node,
+    )
+    pending = unsettled(exc)
+    if pending is not None:
+        err.dal_unsettled = pending  # type: ignore[attr-defined]
+    return err
 
 
 async def _rollback_quietly(conn: Connection) -> None:

@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import quote_plus, unquote_plus, urlsplit
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -77,8 +77,99 @@ _SCHEMES: dict[str, Backend] = {
 }
 
 
+def is_secret_argument(name: str) -> bool:
+    """Whether a DSN query argument carries a secret (its value is never shown)."""
+    low = name.lower()
+    return low == "passfile" or any(word in low for word in ("password", "secret", "token"))
+
+
+# PostgreSQL query arguments handed to asyncpg as connection options (never as
+# server settings): TLS (asyncpg builds the SSLContext from them), credentials,
+# and server selection. See dal.backends.postgres.
+PG_TLS_ARGUMENTS = frozenset({
+    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "sslnegotiation",
+})  # fmt: skip
+PG_CONNECT_ARGUMENTS = PG_TLS_ARGUMENTS | {"ssl", "password", "passfile", "target_session_attrs", "krbsrvname", "gsslib"}
+# libpq connection parameters that are no server settings and that dal's
+# PostgreSQL connect does not implement: refused rather than sent to the server
+# as settings it would reject (or, for a secret, receive in clear).
+_PG_REFUSED = frozenset({
+    "host", "hostaddr", "port", "dbname", "database", "user", "connect_timeout", "client_encoding",
+    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+    "tcp_user_timeout", "replication", "gssencmode", "requiressl", "sslcompression", "sslsni", "sslcertmode",
+    "requirepeer", "require_auth", "channel_binding", "gssdelegation", "load_balance_hosts", "service",
+    "servicefile",
+})  # fmt: skip
+_PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_PG_TARGET_SESSION_ATTRS = ("any", "primary", "standby", "read-write", "read-only", "prefer-standby")
+# A plain server setting name (a GUC, or a custom ``prefix.name`` one); ``options``
+# and ``application_name`` are startup parameters of this form too.
+_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
+# MySQL/MariaDB: dal escapes values client-side, which is safe only in utf8mb4 and
+# with backslash escapes on (dal.backends.mysql); no argument may change either.
+MYSQL_CHARSET = "utf8mb4"
+MYSQL_ARGUMENTS = frozenset({"charset", "password"})
+
+
+def _check_query(url: URL, backend: Backend, field_name: str) -> None:
+    """Refuse the query arguments dal cannot pass on as what they are (see :class:`DSN`)."""
+    if url.password is not None and "password" in url.query:
+        raise ConfigError(f"{field_name}?password", "the password is given twice (userinfo and ?password=)")
+    for name, value in url.query.items():
+        where = f"{field_name}?{name}"
+        if not isinstance(value, str):
+            raise ConfigError(where, "given more than once")
+        if "\x00" in value:
+            raise ConfigError(where, "contains a NUL character")
+        if backend == "mysql":
+            if name not in MYSQL_ARGUMENTS:
+                raise ConfigError(
+                    where,
+                    f"unsupported query argument for MySQL/MariaDB; dal takes only {sorted(MYSQL_ARGUMENTS)} "
+                    "(it sets the charset, sql_mode and session itself, so that no value can change a statement)",
+                )
+            if name == "charset" and value.lower() != MYSQL_CHARSET:
+                raise ConfigError(
+                    where,
+                    f"charset {value!r} is not supported: dal escapes values client-side, which is "
+                    f"safe only in {MYSQL_CHARSET} (the default)",
+                )
+        elif backend == "postgresql":
+            if name in PG_CONNECT_ARGUMENTS:
+                if name in ("ssl", "sslmode") and value not in _PG_SSLMODES:
+                    raise ConfigError(where, f"expected one of {list(_PG_SSLMODES)}, got {value!r}")
+                if name == "target_session_attrs" and value not in _PG_TARGET_SESSION_ATTRS:
+                    raise ConfigError(where, f"expected one of {list(_PG_TARGET_SESSION_ATTRS)}, got {value!r}")
+                continue
+            if name in _PG_REFUSED:
+                raise ConfigError(where, "libpq connection parameter not supported by dal")
+            if is_secret_argument(name):
+                raise ConfigError(where, "unsupported secret-bearing argument (it would reach the server as a setting)")
+            if not _GUC_NAME.match(name):
+                raise ConfigError(where, "neither a connection option dal knows nor a server setting name")
+    if backend == "postgresql" and "ssl" in url.query and "sslmode" in url.query:
+        raise ConfigError(f"{field_name}?ssl", "give one of ssl and sslmode")
+
+
 class DSN:
-    """A database URL whose password never leaks through ``str``/``repr``."""
+    """A database URL whose secrets never leak through ``str``/``repr``.
+
+    The password of the userinfo and every secret-bearing query argument
+    (:func:`is_secret_argument`: ``password``, ``sslpassword``, ``passfile``,
+    any name containing "password", "secret" or "token") show as ``***``.
+    Query arguments are checked per backend when the DSN is built; a problem is
+    a :class:`~dal.errors.ConfigError` naming ``<field>?<argument>``:
+
+    - MySQL/MariaDB: only ``charset=utf8mb4`` and ``password``;
+    - PostgreSQL: the connection options of :data:`PG_CONNECT_ARGUMENTS`, which go
+      to asyncpg as options, and plain server setting names (``application_name``,
+      ``options``, ``search_path``, ...), which go to the server as settings; libpq
+      parameters dal does not implement and unknown secret-bearing names are refused;
+    - SQLite: not checked (dal reads none).
+
+    A password may be given once: in the userinfo or as ``?password=``.
+    """
 
     __slots__ = ("backend", "url")
 
@@ -95,13 +186,32 @@ class DSN:
                 f"unknown scheme {url.drivername!r}; expected one of "
                 "postgresql+asyncpg, mysql+aiomysql, mariadb+aiomysql, sqlite+aiosqlite",
             )
+        _check_query(url, backend, field_name)
         self.url: URL = url
         self.backend: Backend = backend
 
     @property
+    def password(self) -> str | None:
+        """The password, from the userinfo or the ``password`` query argument."""
+        query_pw = self.url.query.get("password")
+        if self.url.password is not None:
+            return self.url.password
+        return query_pw if isinstance(query_pw, str) else None
+
+    @property
     def masked(self) -> str:
-        """The URL with its password replaced by ``***``."""
-        return self.url.render_as_string(hide_password=True)
+        """The URL with its password and secret query arguments replaced by ``***``."""
+        url = self.url
+        base = url.set(query={}).render_as_string(hide_password=True)
+        if not url.query:
+            return base
+        pieces = []
+        for name in sorted(url.query):
+            values = url.query[name]
+            for value in (values,) if isinstance(values, str) else values:
+                shown = "***" if is_secret_argument(name) else quote_plus(value)
+                pieces.append(f"{quote_plus(name)}={shown}")
+        return f"{base}?{'&'.join(pieces)}"
 
     def __str__(self) -> str:
         return self.masked
@@ -125,6 +235,15 @@ class PoolSettings:
     (``SetMaxIdleConns`` keeps at most that many idle beyond ``max_idle_time``),
     ``max_lifetime`` is ``SetConnMaxLifetime`` and ``max_idle_time``
     ``SetConnMaxIdleTime``. Times are seconds; ``None`` disables the limit.
+
+    ``query_timeout`` bounds every statement, COMMIT included (Go passes a
+    ``context.WithTimeout`` to each ``QueryContext``/``ExecContext``; dal applies
+    one per node). The default, 30 s, keeps one lock held elsewhere from hanging
+    a request forever; ``None`` waits without limit. A statement past it is
+    cancelled on the server and raises :class:`~dal.errors.QueryTimeoutError`.
+    ``cancel_timeout`` is how long a cancelled or timed-out statement is waited
+    for to end on the server before its session is ended from another
+    connection (and the wait goes on in the background).
     """
 
     min_size: int = 1
@@ -134,7 +253,8 @@ class PoolSettings:
     max_lifetime: float | None = 3600.0
     max_idle_time: float | None = 600.0
     statement_cache_size: int = 256
-    query_timeout: float | None = None
+    query_timeout: float | None = 30.0
+    cancel_timeout: float = 5.0
 
     def validate(self, where: str) -> None:
         if self.min_size < 0:
@@ -143,13 +263,14 @@ class PoolSettings:
             raise ConfigError(f"{where}.max_size", "must be >= 1")
         if self.min_size > self.max_size:
             raise ConfigError(f"{where}.min_size", f"must be <= max_size ({self.max_size})")
-        for name in ("acquire_timeout", "connect_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name}", "must be > 0")
+        for name in ("acquire_timeout", "connect_timeout", "cancel_timeout"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{where}.{name}", "must be a finite number > 0")
         for name in ("max_lifetime", "max_idle_time", "query_timeout"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ConfigError(f"{where}.{name}", "must be > 0 (or omitted)")
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{where}.{name}", "must be a finite number > 0 (or null)")
         if self.statement_cache_size < 0:
             raise ConfigError(f"{where}.statement_cache_size", "must be >= 0")
 
@@ -244,7 +365,14 @@ class CachePolicy:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    """The shared L2 (Redis) and its failure handling; ``redis`` unset means L1 only."""
+    """The shared L2 (Redis) and its failure handling; ``redis`` unset means L1 only.
+
+    Invalidation messages: at most ``max_keys_per_message`` keys each (bigger
+    invalidations are split); full resyncs after missed messages at most once per
+    ``resync_interval`` seconds; with ``signing_key`` set, every message is signed
+    (HMAC-SHA256) and unsigned or badly signed ones are dropped. The key is a
+    secret: ``str``/``repr`` show ``***`` in its place.
+    """
 
     redis: DSNText | None = None
     cluster: bool = False
@@ -252,8 +380,24 @@ class CacheSettings:
     breaker_failures: int = 3
     breaker_reset: float = 1.0
     channel: str = "dal:invalidate"
+    resync_interval: float = 1.0
+    max_keys_per_message: int = 1000
+    signing_key: str | None = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'signing_key' and self.signing_key is not None else repr(getattr(self, f.name))}"
+            for f in fields(self)
+        )
+        return f"CacheSettings({shown})"
 
     def validate(self) -> None:
+        if not (math.isfinite(self.resync_interval) and self.resync_interval >= 0):
+            raise ConfigError("cache.resync_interval", "must be a finite number >= 0")
+        if self.max_keys_per_message < 1:
+            raise ConfigError("cache.max_keys_per_message", "must be >= 1")
+        if self.signing_key is not None and not self.signing_key:
+            raise ConfigError("cache.signing_key", "must not be empty")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigError("cache.timeout", "must be a finite number > 0")
         if self.breaker_failures < 1:
@@ -268,12 +412,11 @@ class DSNText:
     Parsed the way redis-py parses it (``urllib.parse``: the password is
     everything between the first ``:`` of the userinfo and the *last* ``@``),
     so the masked form hides exactly what the client sends; a ``password``
-    query argument (which redis-py also accepts) is masked too.
+    query argument (which redis-py also accepts), and any other whose name says it
+    holds a secret (``ssl_password``, ``token``...), is masked too.
     """
 
     __slots__ = ("url",)
-
-    _SECRET_QUERY = frozenset({"password"})
 
     def __init__(self, url: str, *, field_name: str = "cache.redis") -> None:
         try:
@@ -298,7 +441,7 @@ class DSNText:
             netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
         query = "&".join(
             (piece.partition("=")[0] + "=***")
-            if unquote_plus(piece.partition("=")[0]).lower() in self._SECRET_QUERY
+            if is_secret_argument(unquote_plus(piece.partition("=")[0]))
             else piece
             for piece in parts.query.split("&")
         ) if parts.query else ""
@@ -539,8 +682,8 @@ def _pool(raw: Mapping[str, Any], where: str, base: PoolSettings) -> PoolSetting
     _only(raw, set(_POOL_TYPES), where)
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if value is None and "None" in str(PoolSettings.__dataclass_fields__[key].type):
-            values[key] = None
+        if (value is None or value is False) and "None" in str(PoolSettings.__dataclass_fields__[key].type):
+            values[key] = None  # TOML has no null: `query_timeout = false` turns the limit off
         else:
             values[key] = _typed(value, _POOL_TYPES[key], f"{where}.{key}")
     settings = replace(base, **values)
@@ -589,7 +732,10 @@ def _node(default_name: str, raw: Any, role: Literal["primary", "replica"], pool
     return NodeSpec(name, DSN(raw["dsn"], field_name=f"{where}.dsn"), role, weight, node_pool)
 
 
-_CACHE_SETTINGS = {"redis": str, "cluster": bool, "timeout": float, "breaker_failures": int, "breaker_reset": float, "channel": str}
+_CACHE_SETTINGS = {
+    "redis": str, "cluster": bool, "timeout": float, "breaker_failures": int, "breaker_reset": float, "channel": str,
+    "resync_interval": float, "max_keys_per_message": int, "signing_key": str,
+}  # fmt: skip
 _POLICY_TYPES: dict[str, type] = {
     f.name: {"bool": bool, "float": float, "int": int, "str": str}[str(f.type)] for f in fields(CachePolicy)
 }
@@ -604,6 +750,8 @@ def _cache(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[CacheSetting
             settings[key] = _typed(raw[key], typ, f"cache.{key}")
     url = env.get("DAL_REDIS_URL", settings.get("redis"))
     settings["redis"] = DSNText(url) if url else None
+    if "DAL_CACHE_SIGNING_KEY" in env:
+        settings["signing_key"] = env["DAL_CACHE_SIGNING_KEY"]
     defaults = _policy({k: v for k, v in raw.items() if k in _POLICY_TYPES}, "cache", CachePolicy(enabled=False))
     return CacheSettings(**settings), defaults
 

@@ -15,9 +15,11 @@ its boundary to the most specific class below and chains the original with
     │   └── ValidationError          a value that does not fit its column
     ├── RoutingError                 no node can serve the request
     ├── ConnectionUnavailableError   cannot connect, connection lost, node marked down
-    │   ├── PoolTimeoutError         no pooled connection within acquire_timeout
-    │   └── CommitUnknownError       lost during COMMIT; the outcome could not be checked
-    ├── QueryTimeoutError            the statement ran past its timeout
+    │   └── PoolTimeoutError         no pooled connection within acquire_timeout (also a DalTimeoutError)
+    ├── DalTimeoutError              one base of dal's timeouts; also the builtin TimeoutError
+    │   ├── PoolTimeoutError
+    │   └── QueryTimeoutError        the statement ran past its timeout (``may_have_landed``)
+    ├── CommitUnknownError           a write's outcome is unknown: it may have landed (``may_have_landed``)
     ├── QueryError                   the server rejected the statement
     │   ├── IntegrityError
     │   │   ├── DuplicateKeyError
@@ -32,7 +34,14 @@ its boundary to the most specific class below and chains the original with
     └── ScanLimitExceededError       a fan-out query would read more rows than allowed
 
 ``InputError`` subclasses are raised before any I/O: nothing was sent, nothing
-was written. Messages name what was wrong (table, column, type) and never
+was written. :class:`ConnectionUnavailableError` means the request did not
+take effect (nothing was sent, or a read was cut off), so it is safe to retry;
+a write cut off after it was sent raises :class:`CommitUnknownError` instead,
+which is *not* a ``ConnectionUnavailableError``: retrying it may apply the
+write twice. :class:`QueryTimeoutError` and :class:`CommitUnknownError` carry
+``node`` (the node's name) and ``may_have_landed``. Before either reaches the
+caller, the statement was cancelled on the server and, for a write, its cache
+keys were invalidated (see ``docs/architecture.md``, "Writes in doubt"). Messages name what was wrong (table, column, type) and never
 contain a password from a DSN.
 """
 
@@ -79,19 +88,57 @@ class RoutingError(DalError):
 
 
 class ConnectionUnavailableError(DalError):
-    """A node cannot be reached, the connection was lost, or the node is marked down."""
+    """A node cannot be reached, the connection was lost, or the node is marked down.
+
+    The request did not take effect on the server: a write cut off after it was
+    sent is a :class:`CommitUnknownError`, never this."""
 
 
-class PoolTimeoutError(ConnectionUnavailableError):
-    """No pooled connection became free within ``acquire_timeout``."""
+class DalTimeoutError(DalError, TimeoutError):
+    """A dal operation ran out of time (the one base of pool and query timeouts).
+
+    Also the builtin :class:`TimeoutError`, as asyncio's and httpx's timeouts are,
+    so ``except TimeoutError`` catches every timeout of a request."""
 
 
-class CommitUnknownError(ConnectionUnavailableError):
-    """The connection was lost while COMMIT was in flight and the outcome could not be checked."""
+class PoolTimeoutError(ConnectionUnavailableError, DalTimeoutError):
+    """No pooled connection became free within ``acquire_timeout`` (nothing was sent)."""
 
 
-class QueryTimeoutError(DalError):
-    """The statement did not finish within its timeout."""
+class _Outcome:
+    """Where a statement went and whether its write may have taken effect."""
+
+    node: str | None
+    may_have_landed: bool
+
+    def _outcome(self, node: str | None, may_have_landed: bool) -> None:
+        self.node = node
+        self.may_have_landed = may_have_landed
+
+
+class QueryTimeoutError(_Outcome, DalTimeoutError):
+    """The statement did not finish within its timeout; it was cancelled on the server.
+
+    ``node``: the node it ran on. ``may_have_landed``: True for a write whose
+    outcome is unknown (its cache keys were invalidated before this was raised);
+    False for a read, or when the server confirmed the cancellation."""
+
+    def __init__(self, message: str, *, node: str | None = None, may_have_landed: bool = False) -> None:
+        super().__init__(message)
+        self._outcome(node, may_have_landed)
+
+
+class CommitUnknownError(_Outcome, DalError):
+    """A write was sent (a COMMIT, or a statement outside a transaction) and its
+    outcome could not be learned: the connection was lost or the wait was cut off.
+
+    The write may have landed (``may_have_landed`` is True) or not; retry only
+    what is idempotent. Its cache keys were invalidated before this was raised.
+    ``node``: the node it was sent to."""
+
+    def __init__(self, message: str, *, node: str | None = None, may_have_landed: bool = True) -> None:
+        super().__init__(message)
+        self._outcome(node, may_have_landed)
 
 
 class QueryError(DalError):
@@ -158,3 +205,20 @@ class ScanLimitExceededError(DalError):
             "across shards; add a shard key, a tighter filter, a smaller limit/offset, "
             "or use a keyset cursor (after=)"
         )
+
+
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether a write that failed with ``exc`` may have taken effect all the same.
+
+    True for :class:`CommitUnknownError`, a :class:`QueryTimeoutError` whose
+    ``may_have_landed`` is set, the caller's own cancellation (the statement
+    may have run before it was cancelled) and anything outside the tree (a
+    bug: nothing is known). False for every other dal error: the server
+    answered (the write was rolled back), or nothing was sent. Callers treat a
+    write in doubt as possibly committed: they invalidate its cache keys.
+    """
+    if isinstance(exc, CommitUnknownError):
+        return True
+    if isinstance(exc, QueryTimeoutError):
+        return exc.may_have_landed
+    return not isinstance(exc, DalError)

@@ -127,13 +127,16 @@ class DataLayer:
                 clock=clock,
                 wall=wall,
                 rng=rng,
+                resync_interval=s.resync_interval,
+                max_keys_per_message=s.max_keys_per_message,
+                signing_key=s.signing_key,
             )
             for t in cached:
                 assert t.spec.cache is not None
                 self.cache.add(
                     TableCache(
                         t.name, t.spec.cache, self.cache, deep_copy=t.mutable_values, scan_keys=self._key_scanner(t),
-                        enums=_enum_classes(t.table),
+                        enums=_enum_classes(t.table), check_row=_cached_row_check(t),
                     )
                 )
 
@@ -278,6 +281,57 @@ def _native_enums(table: sa.Table, dialect: Any) -> list[Any]:
 def _ignoring(stmt: str, condition: str) -> str:
     """``stmt`` in a PL/pgSQL block that ignores the error ``condition`` (a PostgreSQL condition name)."""
     return f"DO $dal$ BEGIN {stmt}; EXCEPTION WHEN {condition} THEN NULL; END $dal$"
+
+
+def _cached_row_check(table: LogicalTable) -> Callable[[bytes, Any], bool]:
+    """Whether a value read from L2 is a row of ``table`` stored under the encoded key
+    given (see :data:`dal.cache.tiered.RowCheck`): exactly the table's columns, every
+    value passing its column's check (as a caller's value would), and primary-key
+    values that encode to that key (a row copied under another key is rejected)."""
+    from dal.cache.keys import encode_cache_key
+
+    columns = table.columns
+    n = len(columns)
+    # Reads every column by name (KeyError for a missing one) and runs the checks of
+    # checked_values, generated into one function. A dict of n keys holding all n
+    # columns has exactly the table's column set: no set comparison needed.
+    read = table.row_reader(columns)
+    at = tuple(columns.index(c) for c in table.primary_key)
+
+    if len(at) == 1:
+        (i,) = at
+
+        def check(enc: bytes, value: Any) -> bool:
+            try:
+                if type(value) is not dict or len(value) != n:
+                    return False
+                values = read(value)
+                return values is not None and encode_cache_key((values[i],)) == enc
+            except Exception:  # whatever the value holds (a missing column: KeyError), the answer is "no"
+                return False
+
+        def check_int(enc: bytes, value: Any) -> bool:
+            # read() has checked the key's exact type (int): its encoding is its decimal text.
+            try:
+                if type(value) is not dict or len(value) != n:
+                    return False
+                values = read(value)
+                return values is not None and str(values[i]).encode() == enc
+            except Exception:
+                return False
+
+        return check_int if table._pk_kind is int else check
+
+    def check_composite(enc: bytes, value: Any) -> bool:
+        try:
+            if type(value) is not dict or len(value) != n:
+                return False
+            values = read(value)
+            return values is not None and encode_cache_key(tuple(values[j] for j in at)) == enc
+        except Exception:
+            return False
+
+    return check_composite
 
 
 def _enum_classes(table: sa.Table) -> dict[str, type[enum.Enum]]:

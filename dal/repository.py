@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
-from dal.backends.base import Connection, Row
+from dal.backends.base import Connection, Row, unsettled
 from dal.cache.keys import encode_cache_key
 from dal.cache.local import MISS
 from dal.errors import (
@@ -36,9 +36,10 @@ from dal.errors import (
     ScanLimitExceededError,
     TransactionError,
     ValidationError,
+    outcome_unknown,
 )
 from dal.routing.router import Role, Target
-from dal.schema import LogicalTable, as_mapping
+from dal.schema import LogicalTable, as_mapping, not_a_collection
 from dal.sql import Compiled, Filter, Query, Statements
 
 if TYPE_CHECKING:
@@ -82,23 +83,47 @@ class _Tx:
 async def gather_bounded(
     jobs: Sequence[Callable[[], Awaitable[T]]], limit: asyncio.Semaphore
 ) -> list[T]:
-    """Run ``jobs`` concurrently under ``limit``; the first failure cancels the rest and is raised as is."""
-    if len(jobs) == 1:
+    """Run ``jobs`` concurrently under ``limit``; the first failure is raised as is.
+
+    After a failure, the jobs not started yet are dropped and the running ones
+    are waited for (their results discarded), so nothing of the call is left
+    running once it raises. Running jobs are not cancelled: a statement
+    cancelled in flight costs its connection, which is then discarded while its
+    server session (asyncpg's cancel request) or worker thread (aiosqlite) is
+    still busy with it, and may outlive the layer's ``aclose()``. When the
+    caller itself is cancelled, every job is cancelled.
+    """
+    if len(jobs) <= 1:
+        if not jobs:
+            return []
         async with limit:
             return [await jobs[0]()]
 
-    async def run(job: Callable[[], Awaitable[T]]) -> T:
+    started: set[int] = set()
+
+    async def run(i: int, job: Callable[[], Awaitable[T]]) -> T:
         async with limit:
+            started.add(i)
             return await job()
 
-    tasks = [asyncio.ensure_future(run(j)) for j in jobs]
+    tasks = [asyncio.ensure_future(run(i, j)) for i, j in enumerate(jobs)]
     try:
-        return list(await asyncio.gather(*tasks))
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        if not failed:
+            return [t.result() for t in tasks]
+        for i, t in enumerate(tasks):
+            if i not in started:
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     except BaseException:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    error = failed[0].exception()
+    assert error is not None
+    raise error
 
 
 class Repository(Generic[RowT]):
@@ -255,10 +280,28 @@ class Repository(Generic[RowT]):
         else:
             await cache.invalidate(encs, inserted=inserted)
 
-    async def _invalidate_written(self, values: Mapping[str, Any]) -> None:
+    async def _invalidate_in_doubt(self, kvs: Sequence[tuple[Any, ...]], inserted: bool, exc: BaseException) -> None:
+        """A write outside a transaction failed with ``exc``: if it may have landed, invalidate
+        its keys as if it had, before the error reaches the caller; and once more when the
+        server confirms it over, if that is still under way (see dal.backends.base)."""
+        cache = self._cache
+        if cache is None or self._tx is not None or not outcome_unknown(exc):
+            return
+        encs = [encode_cache_key(kv) for kv in kvs]
+        await cache.invalidate(encs, inserted=inserted)
+        pending = unsettled(exc)
+        if pending is not None:
+            pending.add_done_callback(lambda _: cache.runtime.spawn(cache.invalidate(encs, inserted=inserted)))
+
+    async def _invalidate_written(self, values: Mapping[str, Any], exc: BaseException | None = None) -> None:
+        """After an insert/upsert of ``values`` (or one in doubt, failed with ``exc``)."""
         t = self._table
         if all(c in values for c in t.primary_key):
-            await self._invalidate([tuple(values[c] for c in t.primary_key)], inserted=True)
+            kv = tuple(values[c] for c in t.primary_key)
+            if exc is not None:
+                await self._invalidate_in_doubt([kv], True, exc)
+            else:
+                await self._invalidate([kv], inserted=True)
         elif self._cache is not None and self._cache.bloom is not None:
             # A key the server generated: the filter cannot learn it, so it must
             # stop answering "absent" for anything.
@@ -270,6 +313,7 @@ class Repository(Generic[RowT]):
         One query per physical table (in chunks of 500 keys), run concurrently.
         """
         t = self._table
+        not_a_collection(keys, "keys", t.name)
         checked: dict[Any, tuple[Any, ...]] = {}
         for key in keys:
             kv = t.key_values(key)  # validate first: a bad key may not even be hashable
@@ -341,7 +385,12 @@ class Repository(Generic[RowT]):
         target, values = self._row_target(row)
         st = self._stmts[target.slot]
         c = st.insert(target.slot, tuple(values))
-        await self._execute(target, c, c.params(values))
+        try:
+            await self._execute(target, c, c.params(values))
+        except BaseException as exc:
+            if self._cache is not None and self._tx is None and outcome_unknown(exc):
+                await self._invalidate_written(values, exc)
+            raise
         if self._cache is not None:
             await self._invalidate_written(values)
 
@@ -353,7 +402,12 @@ class Repository(Generic[RowT]):
         given = as_mapping(row, self._table.name)
         st = self._stmts[target.slot]
         c = st.upsert(target.slot, tuple(values), tuple(k for k in values if k in given))
-        await self._execute(target, c, c.params(values))
+        try:
+            await self._execute(target, c, c.params(values))
+        except BaseException as exc:
+            if self._cache is not None and self._tx is None and outcome_unknown(exc):
+                await self._invalidate_written(values, exc)
+            raise
         if self._cache is not None:
             await self._invalidate_written(values)
 
@@ -365,7 +419,11 @@ class Repository(Generic[RowT]):
         c = st.update(target.slot, tuple(vals))
         params = st.key_params(kv)
         params.update({f"v_{k}": v for k, v in vals.items()})
-        found = await self._execute(target, c, c.params(params)) > 0
+        try:
+            found = await self._execute(target, c, c.params(params)) > 0
+        except BaseException as exc:
+            await self._invalidate_in_doubt([kv], False, exc)
+            raise
         await self._invalidate([kv], inserted=False)
         return found
 
@@ -374,7 +432,11 @@ class Repository(Generic[RowT]):
         target, kv = self._key_target(key, Role.PRIMARY)
         st = self._stmts[target.slot]
         c = st.delete[target.slot]
-        found = await self._execute(target, c, st.key_only(c, kv)) > 0
+        try:
+            found = await self._execute(target, c, st.key_only(c, kv)) > 0
+        except BaseException as exc:
+            await self._invalidate_in_doubt([kv], False, exc)
+            raise
         await self._invalidate([kv], inserted=False)
         return found
 
@@ -596,16 +658,30 @@ class Repository(Generic[RowT]):
             t.check_value(t.shard_key, shard_value)  # type: ignore[arg-type]
         target = self._router.route(t, shard_value, Role.PRIMARY)
         node = self._cluster.node(target)
-        async with node.transaction() as conn:
-            tx = _Tx(target.database, conn)
-            bound: Repository[RowT] = type(self).__new__(type(self))
-            Repository.__init__(bound, self._layer, t, row_type=self._row_type or dict, _tx=tx)
-            try:
-                yield bound
-            finally:
-                tx.open = False
-            if tx.failure is not None:
-                raise TransactionError(f"the transaction was rolled back: {tx.failure}")
+        tx: _Tx | None = None
+        committing = False
+        try:
+            async with node.transaction() as conn:
+                tx = _Tx(target.database, conn)
+                bound: Repository[RowT] = type(self).__new__(type(self))
+                Repository.__init__(bound, self._layer, t, row_type=self._row_type or dict, _tx=tx)
+                try:
+                    yield bound
+                finally:
+                    tx.open = False
+                if tx.failure is not None:
+                    raise TransactionError(f"the transaction was rolled back: {tx.failure}")
+                committing = True  # leaving the block sends COMMIT
+        except BaseException as exc:
+            if committing and tx is not None and tx.after_commit and self._layer.cache is not None and outcome_unknown(exc):
+                # COMMIT sent, outcome unknown: its writes are treated as committed.
+                await self._layer.cache.shielded(_invalidate_all(tx.after_commit))
+                pending = unsettled(exc)
+                if pending is not None:
+                    cache, items = self._layer.cache, tx.after_commit
+                    pending.add_done_callback(lambda _: cache.spawn(_invalidate_all(items)))
+            raise
+        assert tx is not None
         if tx.after_commit and self._layer.cache is not None:
             # All of them in one task that a cancelled caller does not stop: the
             # later writes of the transaction must not stay cached with old rows.

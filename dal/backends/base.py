@@ -12,6 +12,18 @@ idle time). It hands out idle connections LIFO (the warm ones stay warm, the
 surplus ages out), never runs a query on release (a connection is rolled back
 only when it is returned inside a transaction), and discards a connection
 whose last operation lost it.
+
+A statement interrupted on the client side (the caller was cancelled, or its
+``query_timeout`` passed) is not over on the server: it may still be waiting
+for a lock, and commit when it gets it. Every adapter therefore *settles* an
+interrupted statement before the interruption propagates (:func:`settle`):
+it cancels the statement on the server and waits, up to ``cancel_timeout``,
+for the server to confirm that it is over; failing that, it ends the server
+session from a connection of its own (``pg_terminate_backend``, ``KILL
+CONNECTION``) and waits for it to be gone. A settle that takes longer goes on
+in the background: the exception then carries it as ``dal_unsettled`` (see
+:func:`unsettled`), so that whoever invalidates cache keys of a write in doubt
+does so once more when it is over. An interrupted connection is never reused.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ class Connection(Protocol):
     created_at: float
     last_used: float
     broken: bool
+    unsettled: asyncio.Future[bool] | None
+    """The settling of an interrupted statement while it is under way (module docstring)."""
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None: ...
 
@@ -66,6 +80,37 @@ class Connection(Protocol):
 
 
 Connector = Callable[[], Awaitable[Connection]]
+
+
+async def settle(conn: Connection, work: Callable[[], Awaitable[bool]], exc: BaseException, timeout: float) -> None:
+    """Run ``work`` (make an interrupted statement end on the server; True once the
+    server confirmed it) before ``exc`` propagates: shielded from the caller's
+    cancellation, waited for up to ``timeout``. Past that, or when the caller is
+    cancelled again, it goes on as ``conn.unsettled`` and ``exc.dal_unsettled``.
+    ``conn`` is flagged broken: its protocol state is not to be trusted again."""
+    conn.broken = True
+    if conn.unsettled is not None:  # already settling (an interrupted COMMIT's ROLLBACK, ...)
+        return
+    task = asyncio.ensure_future(work())
+    conn.unsettled = task
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(task)
+    except TimeoutError:
+        pass
+    except asyncio.CancelledError:
+        if not task.done():
+            exc.dal_unsettled = task  # type: ignore[attr-defined]
+        raise
+    if not task.done():
+        exc.dal_unsettled = task  # type: ignore[attr-defined]
+        log.warning("a statement interrupted on the client is not confirmed over on the server yet; ending it in the background")
+
+
+def unsettled(exc: BaseException) -> asyncio.Future[bool] | None:
+    """The settling still under way of the statement ``exc`` interrupted, if any."""
+    fut = getattr(exc, "dal_unsettled", None)
+    return fut if fut is not None and not fut.done() else None
 
 
 def mark_if_lost(conn: Connection, exc: BaseException) -> None:
@@ -108,7 +153,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._size = 0  # open connections plus those being opened
         self._closed = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def size(self) -> int:
@@ -139,16 +184,20 @@ class Pool:
         return await self._wait()
 
     async def _open(self) -> Connection:
+        """Open a connection in a task of its own, which a cancelled caller does not stop:
+        a driver's handshake cut off half-way leaves futures nobody reads (and wastes the
+        connect); the connection goes to the pool instead."""
         self._size += 1
+        opening = asyncio.ensure_future(self._open_within_timeout())
         try:
-            async with asyncio.timeout(self._settings.connect_timeout):
-                conn = await self._connect()
-        except TimeoutError:
-            self._size -= 1
-            self._wake_one()
-            raise ConnectionUnavailableError(
-                f"{self.name}: no connection within connect_timeout={self._settings.connect_timeout}s"
-            ) from None
+            conn = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if opening.done():
+                self._opened_for_nobody(opening)
+            else:
+                self._background.add(opening)
+                opening.add_done_callback(self._opened_for_nobody)
+            raise
         except BaseException:
             self._size -= 1
             self._wake_one()
@@ -157,6 +206,28 @@ class Pool:
         conn.created_at = now
         conn.last_used = now
         return conn
+
+    async def _open_within_timeout(self) -> Connection:
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout):
+                return await self._connect()
+        except TimeoutError:
+            raise ConnectionUnavailableError(
+                f"{self.name}: no connection within connect_timeout={self._settings.connect_timeout}s"
+            ) from None
+
+    def _opened_for_nobody(self, opening: asyncio.Future[Connection]) -> None:
+        """A connection opened for a caller that was cancelled meanwhile: pooled, or its slot freed."""
+        self._background.discard(opening)
+        if not opening.cancelled() and opening.exception() is None:
+            conn = opening.result()
+            now = self._clock()
+            conn.created_at = now
+            conn.last_used = now
+            self.release(conn)
+        else:
+            self._size -= 1
+            self._wake_one()
 
     async def _wait(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -228,9 +299,23 @@ class Pool:
 
     def _discard(self, conn: Connection) -> None:
         self._size -= 1
-        conn.terminate() if conn.broken else self._spawn(self._close_quietly(conn))
+        if conn.unsettled is not None and not conn.unsettled.done():
+            # Closing now would stop the settling (asyncpg drops the cancel request
+            # in flight): close once it is over.
+            self._spawn(self._terminate_when_settled(conn, conn.unsettled))
+        elif conn.broken:
+            conn.terminate()
+        else:
+            self._spawn(self._close_quietly(conn))
         if not self._closed:
             self._wake_one(None)
+
+    @staticmethod
+    async def _terminate_when_settled(conn: Connection, settling: asyncio.Future[bool]) -> None:
+        try:
+            await asyncio.wait([settling])
+        finally:
+            conn.terminate()
 
     @staticmethod
     async def _close_quietly(conn: Connection) -> None:

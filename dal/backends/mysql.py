@@ -12,6 +12,25 @@ dal caches per statement shape. ``CLIENT.FOUND_ROWS`` makes an UPDATE report
 the rows it matched, not only those it changed, like PostgreSQL and SQLite.
 Sessions run with ``STRICT_ALL_TABLES`` so an oversized value is an error, not
 a silent truncation.
+
+Client-side escaping is safe only in a known session state, so :func:`connect`
+forces it and reads it back, whatever the server's defaults: character set
+``utf8mb4`` for client, connection and results (a multi-byte charset such as
+gbk has characters whose second byte is a backslash, which would swallow
+PyMySQL's escaping backslash), and the server's ``sql_mode`` without
+``NO_BACKSLASH_ESCAPES`` (PyMySQL escapes bytes values with backslashes in any
+mode) plus ``STRICT_ALL_TABLES``. A session that does not read back so is
+refused with :class:`~dal.errors.ConnectionUnavailableError`. The DSN takes no
+query argument that could change this (:class:`~dal.config.DSN`: only
+``charset=utf8mb4`` and ``password``, which goes to aiomysql as the password).
+
+Errors: server errors (codes outside the client range 2000-2999) are a
+:class:`~dal.errors.QueryError` subclass; a CHECK constraint violation (MariaDB
+4025, MySQL 3819) an :class:`~dal.errors.IntegrityError`; a statement larger
+than the server's ``max_allowed_packet`` a :class:`~dal.errors.DataError` (the
+server rejects it before running it and closes the connection, which is then
+discarded); a str value the connection cannot encode (a lone surrogate) a
+:class:`~dal.errors.DataError`, raised before anything is sent.
 """
 
 from __future__ import annotations
@@ -22,9 +41,9 @@ from typing import Any
 
 import aiomysql
 import pymysql
-from pymysql.constants import CLIENT
+from pymysql.constants import CLIENT, SERVER_STATUS
 
-from dal.config import NodeSpec
+from dal.config import MYSQL_CHARSET, NodeSpec
 from dal.errors import (
     ConnectionUnavailableError,
     DalError,
@@ -39,26 +58,43 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row
+from .base import Row, settle
 
 _DUPLICATE = {1062, 1586}
 _FOREIGN_KEY = {1216, 1217, 1451, 1452}
 _NOT_NULL = {1048, 1364}
-_DATA = {1153, 1264, 1265, 1292, 1366, 1406, 1690}
+_CHECK = {3819, 4025}  # ER_CHECK_CONSTRAINT_VIOLATED (MySQL), ER_CONSTRAINT_FAILED (MariaDB)
+_DATA = {1264, 1265, 1292, 1366, 1406, 1690}
 # Errors after which the server closes the connection although the client does not know yet.
 _FATAL = {1153}  # ER_NET_PACKET_TOO_LARGE: a value bigger than max_allowed_packet
 _SCHEMA = {1054, 1146}
 _READ_ONLY = {1290, 1792, 1836}
 _TIMEOUT = {1205, 1317, 1969, 3024}
-_CONNECTION = {1040, 1053, 1927, 2002, 2003, 2006, 2013, 2055}
+_CONNECTION = {1040, 1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+# What aiomysql raises when the server answers a statement sent in several packets
+# (over 16 MiB) after its first one: only an error does that, and the one error
+# there is ER_NET_PACKET_TOO_LARGE (the statement is not run; the server closes
+# the connection, and aiomysql closes its side).
+_EARLY_ANSWER = "Packet sequence number wrong - got 1 expected"
 
-_ERRORS = (pymysql.err.MySQLError, OSError, asyncio.IncompleteReadError, RuntimeError)
+# UnicodeEncodeError: a str value the connection's encoding cannot take (a lone
+# surrogate outside U+DC80..U+DCFF), raised by aiomysql before anything is sent.
+_ERRORS = (pymysql.err.MySQLError, OSError, asyncio.IncompleteReadError, RuntimeError, UnicodeEncodeError)
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
     """The dal error for a PyMySQL/aiomysql/OS exception raised while talking to ``node``."""
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
     msg = f"{node}: {exc}"
+    if isinstance(exc, UnicodeEncodeError):
+        return DataError(f"{node}: a str value cannot be encoded as {MYSQL_CHARSET}: {exc}")
+    if code in _FATAL or (isinstance(exc, pymysql.err.InternalError) and str(exc).startswith(_EARLY_ANSWER)):
+        return DataError(
+            f"{node}: the statement is larger than the server's max_allowed_packet; the server "
+            f"rejected it without running it and closed the connection ({exc})"
+        )
+    if code in _CHECK:
+        return IntegrityError(msg)
     if code in _DUPLICATE:
         return DuplicateKeyError(msg)
     if code in _FOREIGN_KEY:
@@ -72,7 +108,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
     if code in _READ_ONLY:
         return ReadOnlyError(msg)
     if code in _TIMEOUT:
-        return QueryTimeoutError(msg)
+        return QueryTimeoutError(msg, node=node)
     if code in _CONNECTION:
         return ConnectionUnavailableError(msg)
     if isinstance(exc, pymysql.err.IntegrityError):
@@ -81,7 +117,9 @@ def map_error(exc: BaseException, node: str) -> DalError:
         return DataError(msg)
     if isinstance(exc, pymysql.err.ProgrammingError | pymysql.err.NotSupportedError):
         return QueryError(msg)
-    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError) and code is not None and code < 2000:
+    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError) and code is not None and not 2000 <= code < 3000:
+        # A server error (the client's own are 2000-2999): PyMySQL raises the codes it
+        # does not know as OperationalError, MariaDB's 4000s among them.
         return QueryError(msg)
     return ConnectionUnavailableError(msg)
 
@@ -99,12 +137,32 @@ class _Cursor(aiomysql.Cursor):  # type: ignore[misc]
 
 
 class MySQLConnection:
-    __slots__ = ("_conn", "_cur", "_in_tx", "_node", "broken", "created_at", "last_used")
+    """One aiomysql connection.
 
-    def __init__(self, conn: aiomysql.Connection, cursor: aiomysql.Cursor, node: str) -> None:
+    ``query_timeout`` is enforced twice: by the server (``max_statement_time``
+    on MariaDB, ``max_execution_time`` for SELECTs on MySQL), which aborts the
+    statement cleanly (nothing of it lands), and on this side, a little later
+    (``_deadline``), for what the server does not bound (a hung server, a COMMIT,
+    MySQL's writes). A statement interrupted on this side (timeout, or the caller
+    cancelled) has an unknown protocol state and may still run on the server:
+    before the interruption propagates, its session is ended with ``KILL
+    CONNECTION`` from a connection of its own and waited for until it is gone
+    from the process list (:func:`~dal.backends.base.settle`). ``KILL QUERY``
+    would not do: a statement the server has not read yet when it arrives
+    would still run.
+    """
+
+    __slots__ = ("_conn", "_cur", "_deadline", "_in_tx", "_node", "_spec", "broken", "created_at", "last_used", "unsettled")
+
+    def __init__(self, conn: aiomysql.Connection, cursor: aiomysql.Cursor, spec: NodeSpec, *, server_timeout: bool) -> None:
         self._conn = conn
         self._cur = cursor
-        self._node = node
+        self._spec = spec
+        self._node = spec.name
+        qt = spec.pool.query_timeout
+        # The server's own timeout first, where it has one: it leaves the connection usable.
+        self._deadline: float | None = None if qt is None else qt + 1.0 if server_timeout else qt
+        self.unsettled: asyncio.Future[bool] | None = None
         self._in_tx = False
         self.broken = False
         self.created_at = 0.0
@@ -112,51 +170,93 @@ class MySQLConnection:
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
-            await self._cur.execute(sql, params or None)
-            return await self._cur.fetchone()  # type: ignore[no-any-return]
+            async with asyncio.timeout(self._deadline):
+                await self._cur.execute(sql, params or None)
+                return await self._cur.fetchone()  # type: ignore[no-any-return]
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
-            await self._cur.execute(sql, params or None)
-            return list(await self._cur.fetchall())
+            async with asyncio.timeout(self._deadline):
+                await self._cur.execute(sql, params or None)
+                return list(await self._cur.fetchall())
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
-            return int(await self._cur.execute(sql, params or None))
+            async with asyncio.timeout(self._deadline):
+                return int(await self._cur.execute(sql, params or None))
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
-            await self._cur.executemany(sql, params)
+            async with asyncio.timeout(self._deadline):
+                await self._cur.executemany(sql, params)
             return max(int(self._cur.rowcount), 0)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def begin(self) -> None:
         try:
-            await self._conn.begin()
+            async with asyncio.timeout(self._deadline):
+                await self._conn.begin()
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
         self._in_tx = True
 
     async def commit(self) -> None:
         try:
-            await self._conn.commit()
+            async with asyncio.timeout(self._deadline):
+                await self._conn.commit()
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True, commit=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
         finally:
             self._in_tx = False
 
     async def rollback(self) -> None:
         try:
-            await self._conn.rollback()
+            async with asyncio.timeout(self._deadline):
+                await self._conn.rollback()
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
         finally:
             self._in_tx = False
 
@@ -169,6 +269,25 @@ class MySQLConnection:
     def terminate(self) -> None:
         self._conn.close()
 
+    async def _timed_out(self, exc: BaseException, *, write: bool, commit: bool = False) -> QueryTimeoutError:
+        """Past the client-side deadline: end the session on the server, then the error.
+        A write outside a transaction (or a COMMIT) may have landed before the kill."""
+        landed = commit or (write and not self._in_tx)
+        err = QueryTimeoutError(
+            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s; its session was "
+            "ended on the server" + ("; the write may have landed" if landed else ""),
+            node=self._node,
+            may_have_landed=landed,
+        )
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        return err
+
+    async def _settle(self) -> bool:
+        """End this connection's server session and wait until it is gone (class docstring)."""
+        thread_id = self._conn.server_thread_id[0]
+        self._conn.close()
+        return await kill_connection(self._spec, thread_id)
+
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
@@ -177,33 +296,114 @@ class MySQLConnection:
         return err
 
 
+async def kill_connection(spec: NodeSpec, thread_id: int, *, deadline: float = 30.0) -> bool:
+    """``KILL CONNECTION thread_id`` on ``spec``'s server from a connection of its own, then wait
+    until the thread is gone from the process list (its statement over, its transaction rolled
+    back). True once gone; False when the server could not be reached within ``deadline`` s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    delay = 0.05
+    while True:
+        try:
+            side = await connect(spec)
+            try:
+                async with asyncio.timeout(spec.pool.cancel_timeout):
+                    try:
+                        await side._cur.execute("KILL CONNECTION %s", (thread_id,))
+                    except pymysql.err.MySQLError as exc:
+                        if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
+                            raise
+                    while True:
+                        await side._cur.execute(
+                            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (thread_id,)
+                        )
+                        row = await side._cur.fetchone()
+                        if not row or not row[0]:
+                            return True
+                        await asyncio.sleep(0.01)
+            finally:
+                side.terminate()
+        except (DalError, *_ERRORS):
+            if loop.time() > end:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+# Sent at connect, before anything else. The character set is set again although the
+# handshake names it, because a server running with character_set_client_handshake=OFF
+# ignores the handshake's. sql_mode keeps the server's modes but NO_BACKSLASH_ESCAPES
+# (PyMySQL escapes bytes with backslashes whatever the mode, so under it a bytes value
+# could end its literal) and adds STRICT_ALL_TABLES. Neither statement contains a
+# backslash, so each means the same in either mode.
+_SESSION_INIT = (
+    f"SET NAMES {MYSQL_CHARSET} COLLATE {MYSQL_CHARSET}_general_ci",
+    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(TRIM(BOTH ',' FROM REPLACE(CONCAT(',', @@SESSION.sql_mode, ','),"
+    " ',NO_BACKSLASH_ESCAPES,', ',')), ''), 'STRICT_ALL_TABLES')",
+)
+
+
+def _session_problem(row: Sequence[Any] | None, conn: aiomysql.Connection) -> str | None:
+    """What is wrong with the session as read back after :data:`_SESSION_INIT`, or None."""
+    if row is None:
+        return "the session settings could not be read back"
+    modes = {m.strip().upper() for m in str(row[0] or "").split(",")}
+    if "NO_BACKSLASH_ESCAPES" in modes or conn.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        return f"sql_mode still has NO_BACKSLASH_ESCAPES ({row[0]})"
+    if "STRICT_ALL_TABLES" not in modes:
+        return f"sql_mode lacks STRICT_ALL_TABLES ({row[0]})"
+    for name, value in zip(("character_set_client", "character_set_connection", "character_set_results"), row[1:], strict=True):
+        if str(value).lower() != MYSQL_CHARSET:
+            return f"{name} is {value}, not {MYSQL_CHARSET}"
+    if conn.charset != MYSQL_CHARSET:
+        return f"the client encodes in {conn.charset}, not {MYSQL_CHARSET}"
+    return None
+
+
 async def connect(spec: NodeSpec) -> MySQLConnection:
+    """Open a session in the state dal's client-side escaping relies on (module docstring), or refuse it."""
     url = spec.dsn.url
-    query = dict(url.query)
     try:
         conn = await aiomysql.connect(
             host=url.host or "localhost",
             port=url.port or 3306,
             user=url.username or "root",
-            password=url.password or "",
+            password=spec.dsn.password or "",
             db=url.database,
-            charset=str(query.get("charset", "utf8mb4")),
+            charset=MYSQL_CHARSET,  # the DSN refuses any other
             autocommit=True,
             connect_timeout=spec.pool.connect_timeout,
             client_flag=CLIENT.FOUND_ROWS,
         )
-        init = ["SET SESSION sql_mode = CONCAT_WS(',', @@SESSION.sql_mode, 'STRICT_ALL_TABLES')"]
-        if spec.pool.query_timeout is not None:
-            if "mariadb" in conn.get_server_info().lower():
-                init.append(f"SET SESSION max_statement_time = {float(spec.pool.query_timeout)!r}")
-            else:
-                init.append(f"SET SESSION max_execution_time = {int(spec.pool.query_timeout * 1000)}")
-        cursor = await conn.cursor(_Cursor)
-        for stmt in init:
-            await cursor.execute(stmt)
+        try:
+            init = list(_SESSION_INIT)
+            if spec.pool.query_timeout is not None:
+                if "mariadb" in conn.get_server_info().lower():
+                    init.append(f"SET SESSION max_statement_time = {float(spec.pool.query_timeout)!r}")
+                else:
+                    init.append(f"SET SESSION max_execution_time = {int(spec.pool.query_timeout * 1000)}")
+            cursor = await conn.cursor(_Cursor)
+            for stmt in init:
+                await cursor.execute(stmt)
+            await cursor.execute(
+                "SELECT @@SESSION.sql_mode, @@SESSION.character_set_client, "
+                "@@SESSION.character_set_connection, @@SESSION.character_set_results"
+            )
+            row = await cursor.fetchone()
+            problem = _session_problem(row, conn)
+        except BaseException:
+            conn.close()
+            raise
+        if problem is not None:
+            conn.close()
+            raise ConnectionUnavailableError(
+                f"{spec.name}: refusing the connection: {problem}; dal escapes values client-side, "
+                "which is safe only with backslash escapes on and utf8mb4 (check the server's or a proxy's "
+                "init_connect, sql_mode and character set settings)"
+            )
     except _ERRORS as exc:
         err = map_error(exc, spec.name)
         if not isinstance(err, ConnectionUnavailableError):
             err = ConnectionUnavailableError(f"{spec.name}: cannot connect: {exc}")
         raise err from exc
-    return MySQLConnection(conn, cursor, spec.name)
+    return MySQLConnection(conn, cursor, spec, server_timeout="mariadb" in conn.get_server_info().lower())

@@ -14,18 +14,38 @@ and one that ends before any statement did nothing. Only dal's own COPY
 statement, built from quoted identifiers, gets BEGIN in front: the server
 parses a query string whole, so a statement it could not parse would take
 BEGIN down with it.
+
+DSN query arguments (checked when the :class:`~dal.config.DSN` is built, a
+problem is a :class:`~dal.errors.ConfigError`) go to asyncpg as what they are:
+
+- ``password`` (or the userinfo's, not both) as the password; ``passfile`` as
+  the password file; ``target_session_attrs`` as is;
+- ``sslmode`` (or its alias ``ssl``), ``sslrootcert``, ``sslcert``, ``sslkey``,
+  ``sslpassword``, ``sslcrl``, ``ssl_min_protocol_version``,
+  ``ssl_max_protocol_version``, ``sslnegotiation``, ``krbsrvname``, ``gsslib``
+  through asyncpg's libpq-compatible handling (it builds the SSLContext);
+- any other argument whose name is a plain server setting name
+  (``application_name``, ``options``, ``search_path``, ``custom.name``) as a
+  server setting in the startup packet;
+- refused: libpq parameters dal does not implement (``connect_timeout``,
+  ``client_encoding``, ``service``, ``keepalives``, ``channel_binding``, ...;
+  dal's own settings cover the timeouts), repeated arguments, names that are no
+  setting names, and unknown names that look secret (containing "password",
+  "secret" or "token"), so a secret never reaches the server as a setting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterable, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 import asyncpg.exceptions as pgx
 
-from dal.config import NodeSpec
+from dal.config import PG_CONNECT_ARGUMENTS, NodeSpec
 from dal.errors import (
     ConnectionUnavailableError,
     DalError,
@@ -40,7 +60,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row
+from .base import Row, settle
 
 # InternalClientError: asyncpg's state machine after the server's FATAL arrived on an
 # idle connection ("cannot switch to state ..."): the connection is gone.
@@ -67,13 +87,16 @@ def map_error(exc: BaseException, node: str) -> DalError:
     if isinstance(exc, pgx.IntegrityConstraintViolationError):
         return IntegrityError(msg)
     if isinstance(exc, pgx.QueryCanceledError):
-        return QueryTimeoutError(msg)
+        return QueryTimeoutError(msg, node=node)
     if isinstance(exc, pgx.ReadOnlySQLTransactionError):
         return ReadOnlyError(msg)
     if isinstance(exc, pgx.UndefinedTableError | pgx.UndefinedColumnError):
         return SchemaMismatchError(msg)
     if isinstance(exc, pgx.DataError | pgx._base.DataError | UnicodeEncodeError):  # server class 22 / client-side encode
         return DataError(msg)
+    if isinstance(exc, TimeoutError):
+        # Before OSError, of which the builtin TimeoutError (asyncpg's command_timeout) is a subclass.
+        return QueryTimeoutError(f"{node}: the statement did not finish in time ({type(exc).__name__}: {exc})", node=node)
     if isinstance(
         exc,
         pgx.PostgresConnectionError
@@ -87,8 +110,6 @@ def map_error(exc: BaseException, node: str) -> DalError:
         | EOFError,
     ):
         return ConnectionUnavailableError(msg)
-    if isinstance(exc, TimeoutError):
-        return QueryTimeoutError(msg)
     if isinstance(exc, pgx.PostgresError):
         return QueryError(msg)
     return ConnectionUnavailableError(msg)
@@ -105,11 +126,26 @@ def _quote(name: str) -> str:
 
 
 class PostgresConnection:
-    __slots__ = ("_begin", "_conn", "_node", "_open", "broken", "created_at", "last_used", "server_version")
+    """One asyncpg connection.
 
-    def __init__(self, conn: asyncpg.Connection, node: str) -> None:
+    A statement interrupted on this side (the caller cancelled, or asyncpg's
+    ``command_timeout``, which is ``query_timeout``, passed) has asyncpg send the
+    server a cancel request; before the interruption propagates, the
+    connection waits for the server to answer the cancelled statement
+    (:func:`~dal.backends.base.settle`), or ends the backend with
+    ``pg_terminate_backend`` from a connection of its own and waits until it is
+    gone from ``pg_stat_activity``.
+    """
+
+    __slots__ = (
+        "_begin", "_conn", "_node", "_open", "_spec", "broken", "created_at", "last_used", "server_version", "unsettled",
+    )
+
+    def __init__(self, conn: asyncpg.Connection, spec: NodeSpec) -> None:
         self._conn = conn
-        self._node = node
+        self._spec = spec
+        self._node = spec.name
+        self.unsettled: asyncio.Future[bool] | None = None
         self._begin = False  # begin() was called and BEGIN is not sent yet
         # begin() was called and neither commit() nor rollback() since: asyncpg learns
         # the server's transaction state from its replies, and a COPY that failed on
@@ -125,24 +161,39 @@ class PostgresConnection:
             if self._begin:
                 await self._send_begin()
             return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
             if self._begin:
                 await self._send_begin()
             return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             if self._begin:
                 await self._send_begin()
             return _rowcount(await self._conn.execute(sql, *params))
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         # Pipelined by asyncpg, which reports no row counts: -1.
@@ -151,15 +202,25 @@ class PostgresConnection:
                 await self._send_begin()
             await self._conn.executemany(sql, params)
             return -1
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
         """COPY ``records`` into ``table`` (binary protocol)."""
         try:
             await self._copy(table, columns, "binary", records=records)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
         except (TypeError, ValueError, OverflowError) as exc:
             # A value asyncpg's binary encoder rejects (an aware datetime for a naive
             # timestamp column, ...): asyncpg has sent CopyFail, the connection is fine.
@@ -169,8 +230,13 @@ class PostgresConnection:
         """COPY text-format data (see :mod:`dal.backends.copytext`) into ``table``."""
         try:
             await self._copy(table, columns, "text", source=source)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=True) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def _copy(
         self,
@@ -225,6 +291,9 @@ class PostgresConnection:
             return
         try:
             await self.execute(sql, ())
+        except QueryTimeoutError as exc:
+            exc.may_have_landed = sql == "COMMIT"  # cancelled while committing: maybe committed
+            raise
         finally:
             # Ended (or, when the connection failed, it is broken and will not be reused).
             self._open = False
@@ -237,6 +306,36 @@ class PostgresConnection:
 
     def terminate(self) -> None:
         self._conn.terminate()
+
+    async def _timed_out(self, exc: BaseException, *, write: bool) -> QueryTimeoutError:
+        """``query_timeout`` passed (asyncpg has asked the server to cancel): settle, then the error.
+        A write outside a transaction may have committed before the cancel arrived."""
+        landed = write and not self._open
+        err = QueryTimeoutError(
+            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s and was cancelled on the server"
+            + ("; the write may have landed" if landed else ""),
+            node=self._node,
+            may_have_landed=landed,
+        )
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        return err
+
+    async def _settle(self) -> bool:
+        """The interrupted statement is over on the server (True), or its backend ended (False:
+        given up). asyncpg runs a statement only once the server answered the cancelled one,
+        so a ``SELECT 1`` that gets any answer proves it over."""
+        timeout = self._spec.pool.cancel_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._conn.fetchval("SELECT 1")
+            return True
+        except pgx.PostgresError:
+            return True  # an answer (the aborted transaction's, a late cancel's): over
+        except Exception:  # no answer in time, or the connection is gone
+            pass
+        pid = self._conn.get_server_pid()
+        self._conn.terminate()
+        return await terminate_backend(self._spec, pid)
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
@@ -255,22 +354,62 @@ def _jsonb_decode(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
+async def terminate_backend(spec: NodeSpec, pid: int, *, deadline: float = 30.0) -> bool:
+    """End backend ``pid`` of ``spec``'s server from a connection of its own and wait until it is
+    gone (its transaction rolled back, its statement over). True once gone; False when the
+    server could not be reached within ``deadline`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    delay = 0.05
+    while True:
+        try:
+            side = await connect(spec)
+            try:
+                async with asyncio.timeout(spec.pool.cancel_timeout):
+                    await side._conn.execute("SELECT pg_terminate_backend($1)", pid)
+                    while await side._conn.fetchval(  # noqa: ASYNC110 - polling another server's state
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+                    ):
+                        await asyncio.sleep(0.01)
+                return True
+            finally:
+                side.terminate()
+        except (DalError, *_ERRORS):
+            if loop.time() > end:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 async def connect(spec: NodeSpec) -> PostgresConnection:
+    """Connect to ``spec``'s server; the DSN's query arguments are sorted as the module docstring says."""
     url = spec.dsn.url
-    query = dict(url.query)
-    ssl: Any = query.pop("ssl", None) or query.pop("sslmode", None)
+    query = {str(k): str(v) for k, v in url.query.items()}  # single values: the DSN refuses repeated ones
+    options = {k: query.pop(k) for k in list(query) if k in PG_CONNECT_ARGUMENTS}
+    options.pop("password", None)  # spec.dsn.password below
+    passfile = options.pop("passfile", None)
+    target_session_attrs = options.pop("target_session_attrs", None)
+    ssl: Any = options.pop("ssl", None)
+    # The TLS options (and krbsrvname, gsslib) go through asyncpg's own DSN parsing,
+    # which builds the SSLContext (sslrootcert, sslcert, sslkey with sslpassword, ...)
+    # as libpq would; every name passed here is one it consumes, so none becomes a
+    # server setting.
+    dsn = f"postgresql://?{urlencode(options)}" if options else None
     try:
         conn = await asyncpg.connect(
+            dsn,
             host=url.host or None,
             port=url.port or None,
             user=url.username or None,
-            password=url.password or None,
+            password=spec.dsn.password or None,
+            passfile=passfile,
             database=url.database or None,
             timeout=spec.pool.connect_timeout,
             statement_cache_size=spec.pool.statement_cache_size,
             command_timeout=spec.pool.query_timeout,
             ssl=ssl,
-            server_settings={str(k): str(v) for k, v in query.items()} or None,
+            target_session_attrs=target_session_attrs,
+            server_settings=query or None,  # only plain setting names remain (DSN)
         )
     except (*_ERRORS, TimeoutError) as exc:
         err = map_error(exc, spec.name)
@@ -287,4 +426,4 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
     await conn.set_type_codec(
         "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
     )
-    return PostgresConnection(conn, spec.name)
+    return PostgresConnection(conn, spec)

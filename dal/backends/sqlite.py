@@ -10,6 +10,8 @@ writer and each statement sees every commit before it. sqlite3 keeps
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +34,13 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row
+from .base import Row, settle
 
 # OverflowError: an int beyond SQLite's 64-bit INTEGER, raised by sqlite3 when binding.
+# ValueError: UnicodeEncodeError of a str with a lone surrogate (sqlite3), or one of
+# aiosqlite's for a connection whose worker thread has stopped (_AIOSQLITE_GONE).
 _ERRORS = (sqlite3.Error, ValueError, OverflowError)
+_AIOSQLITE_GONE = ("Connection closed", "no active connection")
 
 
 def map_error(exc: BaseException, node: str) -> DalError:
@@ -54,58 +59,102 @@ def map_error(exc: BaseException, node: str) -> DalError:
     if "no such table" in low or "no such column" in low or "has no column named" in low:
         return SchemaMismatchError(msg)
     if "database is locked" in low or "database table is locked" in low or "interrupted" in low:
-        return QueryTimeoutError(msg)
+        return QueryTimeoutError(msg, node=node)
     if "readonly database" in low or "read-only" in low:
         return ReadOnlyError(msg)
+    if isinstance(exc, UnicodeEncodeError):
+        # A str with a lone surrogate (in a value or the SQL text): refused by sqlite3
+        # before SQLite sees it; the connection is fine.
+        return DataError(f"{node}: a str value cannot be encoded as UTF-8: {text}")
     if isinstance(exc, sqlite3.DataError | OverflowError) or "too big" in low:
         return DataError(msg)
-    if isinstance(exc, ValueError) or "closed" in low or "unable to open" in low or "disk i/o" in low:
+    if (isinstance(exc, ValueError) and text in _AIOSQLITE_GONE) or "closed" in low or "unable to open" in low or "disk i/o" in low:
         return ConnectionUnavailableError(msg)
+    # (another ValueError: sqlite3 refused an argument before running anything)
     return QueryError(msg)
 
 
 class SQLiteConnection:
-    __slots__ = ("_conn", "_node", "broken", "created_at", "last_used")
+    """One aiosqlite connection (a worker thread running its statements in order).
 
-    def __init__(self, conn: aiosqlite.Connection, node: str) -> None:
+    A statement interrupted on this side (``query_timeout``, or the caller
+    cancelled) goes on in the worker thread, and would commit once it got the
+    lock it waits for: before the interruption propagates, it is interrupted
+    (``sqlite3_interrupt``) and waited for until the worker has finished it
+    (:func:`~dal.backends.base.settle`).
+    """
+
+    __slots__ = ("_conn", "_deadline", "_node", "_spec", "broken", "created_at", "last_used", "unsettled")
+
+    def __init__(self, conn: aiosqlite.Connection, spec: NodeSpec) -> None:
         self._conn = conn
-        self._node = node
+        self._spec = spec
+        self._node = spec.name
+        self.unsettled: asyncio.Future[bool] | None = None
+        qt = spec.pool.query_timeout
+        # SQLite's busy timeout (query_timeout) first: a statement refused for a lock it
+        # could not get did nothing, and the connection stays usable.
+        self._deadline: float | None = None if qt is None else qt + 1.0
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
-            rows = await self._conn.execute_fetchall(sql, params)
+            async with asyncio.timeout(self._deadline):
+                rows = await self._conn.execute_fetchall(sql, params)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
         for row in rows:
             return row
         return None
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
-            return list(await self._conn.execute_fetchall(sql, params))
+            async with asyncio.timeout(self._deadline):
+                return list(await self._conn.execute_fetchall(sql, params))
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
-            cur = await self._conn.execute(sql, params)
-            count = cur.rowcount
-            await cur.close()
+            async with asyncio.timeout(self._deadline):
+                cur = await self._conn.execute(sql, params)
+                count = cur.rowcount
+                await cur.close()
             return max(count, 0)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=sql == "COMMIT" or not self._conn.in_transaction) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
-            cur = await self._conn.executemany(sql, params)
-            count = cur.rowcount
-            await cur.close()
+            async with asyncio.timeout(self._deadline):
+                cur = await self._conn.executemany(sql, params)
+                count = cur.rowcount
+                await cur.close()
             return max(count, 0)
+        except TimeoutError as exc:
+            raise await self._timed_out(exc, write=sql == "COMMIT" or not self._conn.in_transaction) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
+        except asyncio.CancelledError as exc:
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            raise
 
     async def begin(self) -> None:
         await self.execute("BEGIN IMMEDIATE", ())
@@ -126,6 +175,31 @@ class SQLiteConnection:
         # Closed by its worker thread, which runs the request even once this event
         # loop is gone (a close task might never run).
         self._conn.stop()
+
+    async def _timed_out(self, exc: BaseException, *, write: bool) -> QueryTimeoutError:
+        err = QueryTimeoutError(
+            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s and was interrupted"
+            + ("; the write may have landed" if write else ""),
+            node=self._node,
+            may_have_landed=write,
+        )
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        return err
+
+    async def _settle(self) -> bool:
+        """Interrupt the statement the worker runs and wait until the worker is done with it
+        (its queue runs in order: a no-op queued now runs after it)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        try:
+            self._conn._tx.put_nowait((done, lambda: None))
+        except Exception:
+            return False
+        while not done.done():
+            with contextlib.suppress(Exception):
+                self._conn._connection.interrupt()  # type: ignore[union-attr]  # (thread-safe; waits on a lock are cut too)
+            await asyncio.wait([done], timeout=0.05)
+        return True
 
     def _lost(self, exc: BaseException) -> DalError:
         err = map_error(exc, self._node)
@@ -167,5 +241,5 @@ async def connect(spec: NodeSpec) -> SQLiteConnection:
         if isinstance(exc, (*_ERRORS, OSError)):
             raise ConnectionUnavailableError(f"{spec.name}: cannot open {path}: {exc}") from exc
         raise
-    return SQLiteConnection(conn, spec.name)
+    return SQLiteConnection(conn, spec)
 

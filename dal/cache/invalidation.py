@@ -1,16 +1,18 @@
 """Cross-process invalidation over Redis pub/sub (缓存一致性), and the retry queue.
 
 After a write commits, the writer deletes the L2 keys and then publishes one
-message per write (or batch) on ``channel``: ``[origin, seq, table, keys,
-inserted]``. Every other process evicts those keys from its L1 and, for
-inserts, adds them to its Bloom filter. Messages from this process are
-ignored (it already did both before returning).
+message per write (or batch; one per ``max_keys`` keys) on ``channel``, msgpack
+``[origin, seq, table, keys, inserted, sent]``, preceded by its HMAC-SHA256
+when a signing key is set. Every other process evicts those keys from its L1
+and, for inserts, adds them to its Bloom filter. Messages from this process
+are ignored (it already did both before returning).
 
 Pub/sub delivers only to connected subscribers, so whenever the subscription
 (re)connects, or a sequence number from a known origin skips ahead, the process
 assumes it missed messages: it flushes its L1 and resyncs its Bloom filters
-(``on_gap``). A message that arrives late (a publish retried after a failure,
-its sequence number already passed) is applied as usual: the flush at the skip
+(``on_gap``), at most once per ``resync_interval`` (see :class:`InvalidationBus`
+for that, and for what a received message must be). A message that arrives
+late (a publish retried after a failure, its sequence number already passed) is applied as usual: the flush at the skip
 already covered it, and it is no new gap. A process publishes its messages one
 at a time, in sequence order, each bounded by ``timeout`` (the bus connection
 itself has no read timeout, and a write must not wait on a hung Redis).
@@ -24,9 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +41,11 @@ import msgpack
 log = logging.getLogger("dal.cache")
 
 Handler = Callable[[list[bytes], bool], None]
+
+MAX_ORIGINS = 1024
+"""Origins whose sequence numbers a subscriber tracks (the most recently heard)."""
+
+_TAG = 32  # bytes of an HMAC-SHA256 signature, which precedes the signed message
 
 
 class RetryQueue:
@@ -98,34 +109,99 @@ class RetryQueue:
 
 
 class InvalidationBus:
-    """Publishes this process's invalidations and applies everyone else's."""
+    """Publishes this process's invalidations and applies everyone else's.
+
+    Received messages are untrusted input (anyone who can reach the Redis server
+    can publish on the channel). A message that is not exactly a well-typed
+    ``[origin, seq, table, keys, inserted, sent]`` (origin: bytes; seq: int >= 0;
+    table: str; keys: a list of bytes; inserted: bool; sent: a finite number) is
+    dropped and counted in :attr:`malformed`; so is one for a table no handler is
+    registered for (its sequence number still counts, so the origin's next
+    message is no gap). Nothing a message holds makes the subscriber reconnect.
+
+    - Sequence numbers are tracked for the last :data:`MAX_ORIGINS` origins heard
+      from (least recently heard forgotten first); an origin forgotten and heard
+      again is a new origin, not a gap.
+    - A message has at most ``max_keys`` keys: :meth:`send` splits bigger
+      invalidations into several messages. A received message over the bound is
+      dropped and counted in :attr:`oversized`; since its keys are not applied,
+      and it may come from a peer configured with a higher bound, it is treated
+      as a gap.
+    - Resyncs (``on_gap``: flush every L1, rebuild every Bloom filter) run at most
+      once per ``resync_interval`` seconds of ``clock``. A gap seen sooner is not
+      skipped: one resync runs when the interval is over (:meth:`poll`) and covers
+      every gap seen meanwhile; until then :attr:`resync_pending` is true, and
+      Bloom filters are not trusted.
+    - With ``signing_key``, every message published is signed (HMAC-SHA256 over
+      the channel name and the message) and a received one without a valid
+      signature is dropped and counted in :attr:`bad_signature`. A replayed
+      signed message only evicts keys again (and adds keys that were inserted),
+      which is harmless.
+    """
 
     def __init__(
-        self, client: Any, channel: str, *, on_gap: Callable[[], None], timeout: float = 0.25, cluster: bool = False
+        self,
+        client: Any,
+        channel: str,
+        *,
+        on_gap: Callable[[], None],
+        timeout: float = 0.25,
+        cluster: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        resync_interval: float = 1.0,
+        max_keys: int = 1000,
+        signing_key: bytes | None = None,
     ) -> None:
         self.client = client
         self.channel = channel
         self.cluster = cluster
         self.timeout = timeout
+        self.clock = clock
+        self.wall = wall
+        self.resync_interval = resync_interval
+        self.max_keys = max_keys
+        self._mac = None if signing_key is None else hmac.new(signing_key, channel.encode() + b"\n", hashlib.sha256)
         self._publishing = asyncio.Lock()
         self.origin = os.urandom(8)
         self._seq = 0
         self._handlers: dict[str, Handler] = {}
         self._on_gap = on_gap
-        self._last_seq: dict[bytes, int] = {}
+        self._last_seq: OrderedDict[bytes, int] = OrderedDict()
+        self._last_resync: float | None = None
+        self._resync_pending = False
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._warned: set[str] = set()
         self.received = 0
         self.gaps = 0
+        self.resyncs = 0
         self.reconnects = 0
+        self.malformed = 0
+        self.oversized = 0
+        self.bad_signature = 0
         self.last_delay_ms: float | None = None
 
     def register(self, table: str, handler: Handler) -> None:
         self._handlers[table] = handler
 
-    def message(self, table: str, keys: list[bytes], inserted: bool) -> bytes:
-        self._seq += 1
-        return msgpack.packb([self.origin, self._seq, table, keys, inserted, time.time()], use_bin_type=True)  # type: ignore[no-any-return]
+    def _sign(self, body: bytes) -> bytes:
+        if self._mac is None:
+            return body
+        mac = self._mac.copy()
+        mac.update(body)
+        return mac.digest() + body
+
+    def messages(self, table: str, keys: list[bytes], inserted: bool) -> list[bytes]:
+        """The payloads of one invalidation (numbered now): one per ``max_keys`` keys."""
+        out = []
+        for i in range(0, len(keys), self.max_keys):
+            self._seq += 1
+            body = msgpack.packb(
+                [self.origin, self._seq, table, keys[i : i + self.max_keys], inserted, self.wall()], use_bin_type=True
+            )
+            out.append(self._sign(body))
+        return out
 
     async def publish(self, payload: bytes) -> bool:
         try:
@@ -135,11 +211,16 @@ class InvalidationBus:
             return False
         return True
 
-    async def send(self, table: str, keys: list[bytes], inserted: bool) -> bytes | None:
-        """Publish one invalidation, in sequence order; the payload when it failed (to retry)."""
+    async def send(self, table: str, keys: list[bytes], inserted: bool) -> list[bytes]:
+        """Publish one invalidation, in sequence order; the payloads not sent (to retry, in order).
+
+        After one publish fails, the rest are not tried (each would wait out the timeout)."""
         async with self._publishing:
-            payload = self.message(table, keys, inserted)
-            return None if await self.publish(payload) else payload
+            payloads = self.messages(table, keys, inserted)
+            for i, payload in enumerate(payloads):
+                if not await self.publish(payload):
+                    return payloads[i:]
+            return []
 
     # -- subscriber ------------------------------------------------------------------------
     async def start(self, *, wait: float = 1.0) -> None:
@@ -167,16 +248,22 @@ class InvalidationBus:
                 await pubsub.subscribe(self.channel)
                 if not first:
                     self.reconnects += 1
-                    self.gaps += 1
-                    self._on_gap()  # messages may have been missed while disconnected
+                    self._gap()  # messages may have been missed while disconnected
                 first = False
                 failing = False
                 self._subscribed.set()
                 delay = 0.05
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll_timeout())
                     if msg is not None and msg.get("type") == "message":
-                        self._apply(msg["data"])
+                        try:
+                            self._apply(msg.get("data"))
+                        except Exception:
+                            # A fault in applying, not in the connection: what the
+                            # message did is unknown, so resync; do not reconnect.
+                            log.exception("applying an invalidation message failed")
+                            self._gap()
+                    self.poll()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection lost: reconnect with backoff
@@ -192,26 +279,101 @@ class InvalidationBus:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    def _apply(self, data: bytes) -> None:
+    # -- resyncs ----------------------------------------------------------------------------
+    @property
+    def resync_pending(self) -> bool:
+        """A gap was seen and its resync waits for the end of the interval."""
+        return self._resync_pending
+
+    def _gap(self) -> None:
+        self.gaps += 1
+        now = self.clock()
+        if self._last_resync is None or now - self._last_resync >= self.resync_interval:
+            self._resync(now)
+        else:
+            self._resync_pending = True
+
+    def poll(self) -> None:
+        """Run the pending resync if its interval is over (the subscriber calls this
+        after every message and wait)."""
+        if self._resync_pending:
+            now = self.clock()
+            if self._last_resync is None or now - self._last_resync >= self.resync_interval:
+                self._resync(now)
+
+    def _resync(self, now: float) -> None:
+        self._resync_pending = False
+        self._last_resync = now
+        self.resyncs += 1
+        self._on_gap()
+
+    def _poll_timeout(self) -> float:
+        """How long the subscriber may wait for a message: until a pending resync is due."""
+        if not self._resync_pending or self._last_resync is None:
+            return 1.0
+        return min(1.0, max(0.0, self._last_resync + self.resync_interval - self.clock()))
+
+    # -- received messages -------------------------------------------------------------------
+    def _drop(self, counter: str, what: str) -> None:
+        setattr(self, counter, getattr(self, counter) + 1)
+        if counter not in self._warned:  # once per kind: whoever sent one may send many
+            self._warned.add(counter)
+            log.warning("dropping %s on %s (counted in bus.%s; logged once)", what, self.channel, counter)
+
+    def _apply(self, data: Any) -> None:
+        if type(data) is not bytes:
+            self._drop("malformed", "a malformed invalidation message")
+            return
+        if self._mac is not None:
+            mac = self._mac.copy()
+            mac.update(data[_TAG:])
+            if len(data) < _TAG or not hmac.compare_digest(mac.digest(), data[:_TAG]):
+                self._drop("bad_signature", "an invalidation message without a valid signature")
+                return
+            data = data[_TAG:]
         try:
-            origin, seq, table, keys, inserted, sent = msgpack.unpackb(data, raw=False)
-        except (ValueError, TypeError, msgpack.UnpackException):
-            log.warning("ignoring a malformed invalidation message")
+            msg = msgpack.unpackb(data, raw=False)
+        except Exception:  # any unpacking failure: bad msgpack, bad UTF-8, extra data, nesting
+            msg = None
+        if type(msg) is not list or len(msg) != 6:
+            self._drop("malformed", "a malformed invalidation message")
+            return
+        origin, seq, table, keys, inserted, sent = msg
+        if not (
+            type(origin) is bytes and 0 < len(origin) <= 64
+            and type(seq) is int and seq >= 0
+            and type(table) is str
+            and type(keys) is list
+            and type(inserted) is bool
+            and type(sent) in (int, float) and math.isfinite(sent)
+            and all(type(k) is bytes for k in keys)
+        ):  # fmt: skip
+            self._drop("malformed", "a malformed invalidation message")
             return
         if origin == self.origin:
             return
         self.received += 1
-        self.last_delay_ms = (time.time() - sent) * 1000
+        self.last_delay_ms = (self.wall() - sent) * 1000
         last = self._last_seq.get(origin)
-        if last is None or seq > last:
+        if last is None:
             self._last_seq[origin] = seq
-        if last is not None and seq > last + 1:
-            self.gaps += 1
-            self._on_gap()
+            if len(self._last_seq) > MAX_ORIGINS:
+                self._last_seq.popitem(last=False)
+        else:
+            self._last_seq.move_to_end(origin)
+            if seq > last:
+                self._last_seq[origin] = seq
+        if len(keys) > self.max_keys:
+            self._drop("oversized", f"an invalidation message of more than {self.max_keys} keys")
+            self._gap()  # its keys are not applied
             return
+        if last is not None and seq > last + 1:
+            self._gap()  # (and apply this one: the resync may be a while away)
         handler = self._handlers.get(table)
-        if handler is not None:
-            handler(list(keys), bool(inserted))
+        if handler is None:
+            self._drop("malformed", "an invalidation message for a table not cached here")
+            return
+        handler(keys, inserted)
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -19,6 +19,16 @@ last write was, so a reader knows to load that key from the primary while
 replicas may lag, and that the key exists even if this process's Bloom filter
 has not heard of it yet.
 
+Redis contents are not trusted: anyone who can write to the server can put
+any bytes under these keys. A version value that is not ``<n>:<ms>`` in ASCII
+digits parses as unknown (:func:`parse_version`); what a row entry must be is
+checked by the table cache, which deletes what fails with :meth:`RemoteCache.discard`.
+
+No command carries more than about 1,000 keys: reads are one ``MGET`` per
+chunk of :data:`READ_CHUNK` row keys (each with its version key), fills one
+pipeline per chunk of :data:`FILL_CHUNK`. A big command can outlive the timeout
+and trip the breaker for everyone; a chunk that fails costs only its own keys.
+
 Every call goes through a breaker: when Redis fails repeatedly, calls return
 :data:`UNAVAILABLE` at once instead of each waiting out a timeout, and
 failures are counted. At most ``max_inflight`` calls run at once (the rest
@@ -30,8 +40,10 @@ queue, not fail and trip the breaker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -39,7 +51,10 @@ from dal.breaker import Breaker
 
 log = logging.getLogger("dal.cache")
 
-_FILL_CHUNK = 500  # fills per pipeline
+FILL_CHUNK = 500
+"""Fills per pipeline (each touches a row key and its version key)."""
+READ_CHUNK = 500
+"""Row keys per MGET, each with its version key: 1,000 Redis keys."""
 
 UNAVAILABLE: Any = object()
 """Returned instead of a result when Redis could not be used."""
@@ -83,6 +98,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+"""Delete KEYS[1] if it holds ARGV[1]: a lease's release, a bad entry's discard."""
 
 
 def key_token(encoded: bytes) -> str:
@@ -92,13 +108,19 @@ def key_token(encoded: bytes) -> str:
     return "h" + hashlib.sha1(encoded, usedforsecurity=False).hexdigest()
 
 
-def parse_version(raw: bytes | None) -> tuple[str, int | None]:
-    """(version text as stored, '' when absent; write time in ms or None)."""
+_VERSION = re.compile(rb"[0-9]+:([0-9]+)")
+
+
+def parse_version(raw: bytes | None) -> tuple[bytes, int | None] | None:
+    """A version key's value: ``(the value as stored, b'' when there is none;
+    the write time in ms, None when there is none)``, or ``None`` when the value
+    is not a version (not ``<n>:<ms>`` in ASCII digits): the write time is then
+    unknown, and a reader must take it as recent. The value as stored is what a
+    fill compares against, whatever its bytes."""
     if raw is None:
-        return "", None
-    text = raw.decode()
-    _, _, ms = text.partition(":")
-    return text, int(ms) if ms.isdigit() else None
+        return b"", None
+    m = _VERSION.fullmatch(raw)
+    return None if m is None else (raw, int(m.group(1)))
 
 
 class RemoteCache:
@@ -143,18 +165,28 @@ class RemoteCache:
     def available(self) -> bool:
         return self.breaker.state != "open"
 
-    async def read(self, bases: Sequence[str]) -> list[tuple[bytes | None, bytes | None]] | Any:
-        """(row bytes, version bytes) per base key, with one MGET."""
-        keys: list[str] = []
-        for b in bases:
-            keys += (b, b + ":ver")
-        if self.cluster and len(bases) > 1:
-            res = await self._call(lambda: self.client.mget_nonatomic(keys))
-        else:
-            res = await self._call(lambda: self.client.mget(keys))
-        if res is UNAVAILABLE:
+    async def read(self, bases: Sequence[str]) -> list[tuple[bytes | None, bytes | None] | Any] | Any:
+        """(row bytes, version bytes) per base key, in order, with one MGET per
+        :data:`READ_CHUNK` base keys. A key whose chunk failed maps to
+        :data:`UNAVAILABLE` (the other chunks' results stand); :data:`UNAVAILABLE`
+        itself when every chunk failed."""
+        out: list[tuple[bytes | None, bytes | None] | Any] = []
+        failed = 0
+        for i in range(0, len(bases), READ_CHUNK):
+            chunk = bases[i : i + READ_CHUNK]
+            keys: list[str] = []
+            for b in chunk:
+                keys += (b, b + ":ver")
+            mget = self.client.mget_nonatomic if self.cluster and len(chunk) > 1 else self.client.mget
+            res = await self._call(functools.partial(mget, keys))
+            if res is UNAVAILABLE or len(res) != len(keys):
+                failed += 1
+                out += [UNAVAILABLE] * len(chunk)
+            else:
+                out += [(res[j], res[j + 1]) for j in range(0, len(res), 2)]
+        if failed and failed == -(-len(bases) // READ_CHUNK):
             return UNAVAILABLE
-        return [(res[i], res[i + 1]) for i in range(0, len(res), 2)]
+        return out
 
     async def get_row(self, base: str) -> bytes | Any | None:
         return await self._call(lambda: self.client.get(base))
@@ -162,8 +194,8 @@ class RemoteCache:
     async def get_version(self, base: str) -> bytes | Any | None:
         return await self._call(lambda: self.client.get(base + ":ver"))
 
-    async def fill(self, base: str, payload: bytes, ttl_ms: int, version: str) -> bool | Any:
-        """Store ``payload`` only if the version is still ``version`` ('' = never written)."""
+    async def fill(self, base: str, payload: bytes, ttl_ms: int, version: bytes) -> bool | Any:
+        """Store ``payload`` only if the version is still ``version`` (b'' = never written)."""
         res = await self._call(lambda: self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms]))
         if res is UNAVAILABLE:
             return UNAVAILABLE
@@ -173,16 +205,17 @@ class RemoteCache:
             self.rejected_fills += 1
         return bool(res)
 
-    async def fill_many(self, items: Sequence[tuple[str, bytes, int, str]]) -> None:
-        """:meth:`fill` of many (base, payload, ttl_ms, version): pipelined in chunks (one call
-        per key on a cluster, where the keys live on different nodes)."""
+    async def fill_many(self, items: Sequence[tuple[str, bytes, int, bytes]]) -> None:
+        """:meth:`fill` of many (base, payload, ttl_ms, version): pipelined in chunks of
+        :data:`FILL_CHUNK` (one call per key on a cluster, where the keys live on
+        different nodes). A failed chunk leaves the others' fills done."""
         if self.cluster:
             await asyncio.gather(*(self.fill(*item) for item in items))
             return
-        for i in range(0, len(items), _FILL_CHUNK):
-            chunk = items[i : i + _FILL_CHUNK]
+        for i in range(0, len(items), FILL_CHUNK):
+            chunk = items[i : i + FILL_CHUNK]
 
-            async def run(chunk: Sequence[tuple[str, bytes, int, str]] = chunk) -> list[Any]:
+            async def run(chunk: Sequence[tuple[str, bytes, int, bytes]] = chunk) -> list[Any]:
                 pipe = self.client.pipeline(transaction=False)
                 for base, payload, ttl_ms, version in chunk:
                     await self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms], client=pipe)
@@ -190,7 +223,7 @@ class RemoteCache:
 
             res = await self._call(run)
             if res is UNAVAILABLE:
-                return
+                continue  # (once the breaker is open, the rest skip Redis at once)
             done = sum(1 for r in res if r)
             self.fills += done
             self.rejected_fills += len(res) - done
@@ -216,6 +249,23 @@ class RemoteCache:
 
     async def release_lease(self, base: str, token: bytes) -> None:
         await self._call(lambda: self._release(keys=[base + ":lease"], args=[token]))
+
+    async def discard(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Delete each (key, value) whose key still holds exactly that value (a fill or a
+        write since then is kept), in pipelines of :data:`FILL_CHUNK`."""
+        if self.cluster:
+            await asyncio.gather(*(self._call(functools.partial(self._release, keys=[k], args=[v])) for k, v in items))
+            return
+        for i in range(0, len(items), FILL_CHUNK):
+            chunk = items[i : i + FILL_CHUNK]
+
+            async def run(chunk: Sequence[tuple[str, bytes]] = chunk) -> None:
+                pipe = self.client.pipeline(transaction=False)
+                for key, value in chunk:
+                    await self._release(keys=[key], args=[value], client=pipe)
+                await pipe.execute()
+
+            await self._call(run)
 
     async def save_bloom(
         self, bits_key: str, meta_key: str, data: bytes, capacity: int, error_rate: str, count: int, generation: int

@@ -4,8 +4,9 @@ Read (``get``): L1 -> singleflight -> L2 -> Bloom filter -> database, then fill
 L2 and L1.
 
 - L1 hit: a copy of the row (or ``None`` for a cached "absent").
-- L2 hit: decode, fill L1 (guarded by the L1 generation taken before the L2
-  read), return.
+- L2 hit: decode and check that it is a row of this table for this key (an
+  entry that is not is a miss: see :class:`TableCache`), fill L1 (guarded by
+  the L1 generation taken before the L2 read), return.
 - L2 miss and no version key: nobody wrote this key recently. If the Bloom
   filter is trustworthy (warmed, subscription live, L2 answered) and says the
   key was never inserted, the answer is ``None`` without touching the database
@@ -64,10 +65,28 @@ LoadOne = Callable[[bool], Awaitable[Row | None]]
 LoadMany = Callable[[Sequence[tuple[Any, ...]], bool], Awaitable[dict[bytes, Row]]]
 """Load rows by key values from the database, keyed by encoded key; the flag asks for the primary."""
 ScanKeys = Callable[[], AsyncIterator[tuple[Any, ...]]]
+RowCheck = Callable[[bytes, Any], bool]
+"""Whether a value decoded from L2 is a row of the table stored under the encoded key
+given: a dict with exactly the table's columns, each value passing its column's
+check, whose primary-key values encode to that key. It must not raise, whatever the value."""
+
+_CORRUPT: Any = object()
+"""An L2 entry that does not decode or does not pass the row check."""
+
+
+def _is_dict(enc: bytes, value: Any) -> bool:
+    return type(value) is dict
 
 
 class TableCache:
-    """The cache of one logical table in one process."""
+    """The cache of one logical table in one process.
+
+    An L2 entry is untrusted input: one that does not decode, or that
+    ``check_row`` (see :data:`RowCheck`; by default: any dict) rejects, is a
+    miss on every read path. It is deleted from L2 (unless rewritten
+    meanwhile), counted in :attr:`corrupt_entries`, logged once per table, and
+    the row is loaded from the database (and filled again).
+    """
 
     def __init__(
         self,
@@ -78,11 +97,14 @@ class TableCache:
         deep_copy: bool,
         scan_keys: ScanKeys | None,
         enums: Enums | None = None,
+        check_row: RowCheck = _is_dict,
     ) -> None:
         self.table = table
         self.policy = policy
         self.runtime = runtime
         self.codec: Codec = make_codec(policy.serializer, enums)
+        self._check_row = check_row
+        self._corrupt_logged = False
         self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock, deep_copy=deep_copy)
         self._copy = self.l1._copy
         self.flight: SingleFlight[Row | None] = SingleFlight()
@@ -102,8 +124,9 @@ class TableCache:
         self.db_loads = 0
         self.bloom_rejections = 0
         self.lease_waits = 0
+        self.corrupt_entries = 0  # L2 entries that failed to decode or to match the table
 
-    # -- helpers ------------------------------------------------------------------------
+    # -- keys and TTLs --------------------------------------------------------------------
     def base(self, enc: bytes) -> str:
         return self.prefix + "{" + key_token(enc) + "}"
 
@@ -131,6 +154,36 @@ class TableCache:
     def _fresh(self, written_ms: int | None) -> bool:
         return written_ms is not None and self.runtime.wall_ms() - written_ms < self.policy.fresh_window * 1000
 
+    def _version(self, ver: bytes | None) -> tuple[bytes, bool]:
+        """(the version a fill compares against, whether loads must read the primary)."""
+        parsed = parse_version(ver)
+        if parsed is None:  # not a version this code writes: when it was written is unknown
+            return ver or b"", True
+        return parsed[0], self._fresh(parsed[1])
+
+    def _decode(self, enc: bytes, raw: bytes) -> Any:
+        """The row (``None``: the "absent" placeholder) an L2 entry of ``enc`` holds, or
+        :data:`_CORRUPT`."""
+        try:
+            value = self.codec.loads(raw)
+        except Exception:  # anything Redis holds may be garbage: msgpack, UTF-8, tag errors
+            return _CORRUPT
+        if value is None or self._check_row(enc, value):
+            return value
+        return _CORRUPT
+
+    async def _discard(self, remote: RemoteCache, entries: list[tuple[str, bytes]]) -> None:
+        """Count and delete L2 entries (base key, bytes read) that :meth:`_decode` rejected."""
+        self.corrupt_entries += len(entries)
+        if not self._corrupt_logged:
+            # Once per table: whoever wrote one bad entry may write many.
+            self._corrupt_logged = True
+            log.warning(
+                "discarding cached entries of %s that do not decode or do not match the table "
+                "(counted in corrupt_entries; this is logged once)", self.table
+            )
+        await remote.discard(entries)
+
     # -- read path ------------------------------------------------------------------------
     def cached(self, enc: bytes) -> Row | None:
         """L1 lookup: a copy, ``None`` for cached-absent, or :data:`MISS`."""
@@ -149,22 +202,30 @@ class TableCache:
         remote = self.runtime.remote
         checked = False
         if remote is not None and enc not in self.flight and enc not in self._unsynced:
-            raw = await remote.get_row(self.base(enc))
+            base = self.base(enc)
+            raw = await remote.get_row(base)
             if raw is not UNAVAILABLE:
                 if raw is not None:
-                    row = self.codec.loads(raw)
-                    self.l1.put(enc, row, self._l1_ttl(row), gen)
-                    return None if row is None else self._copy(row)
+                    # _decode() inlined: this is the hot L2 hit.
+                    try:
+                        row = self.codec.loads(raw)
+                        ok = row is None or self._check_row(enc, row)
+                    except Exception:
+                        ok = False
+                    if ok:
+                        self.l1.put(enc, row, self._l1_ttl(row), gen)
+                        return None if row is None else self._copy(row)
+                    await self._discard(remote, [(base, raw)])
                 checked = True
         row = await self.flight.do(enc, lambda: self._miss(enc, gen, load, row_checked=checked))
         return None if row is None else self._copy(row)
 
     async def _miss(self, enc: bytes, gen: int, load: LoadOne, *, row_checked: bool = False) -> Row | None:
         remote = self.runtime.remote
-        version = ""
+        version = b""
         fresh = False
         if enc in self._unsynced:
-            return await self._load(enc, "", True, gen, load, use_l2=False)
+            return await self._load(enc, b"", True, gen, load, use_l2=False)
         if remote is not None:
             # The row first, its version only on a miss. A write landing between
             # the two shows as a newer version, which the fill is checked against.
@@ -172,22 +233,23 @@ class TableCache:
             raw = None if row_checked else await remote.get_row(base)
             if raw is not UNAVAILABLE:
                 if raw is not None:
-                    row = self.codec.loads(raw)
-                    self.l1.put(enc, row, self._l1_ttl(row), gen)
-                    return row
+                    row = self._decode(enc, raw)
+                    if row is not _CORRUPT:
+                        self.l1.put(enc, row, self._l1_ttl(row), gen)
+                        return row  # type: ignore[no-any-return]
+                    await self._discard(remote, [(base, raw)])
                 ver = await remote.get_version(base)
                 if ver is UNAVAILABLE:
                     fresh = True  # unknown: take the primary, trust no Bloom filter
                 else:
-                    version, written = parse_version(ver)
-                    fresh = self._fresh(written)
+                    version, fresh = self._version(ver)
                     if ver is None and self._bloom_says_absent(enc):
                         self.l1.put(enc, None, self._l1_ttl(None), gen)
                         return None
         return await self._load(enc, version, fresh, gen, load)
 
     async def _load(
-        self, enc: bytes, version: str, fresh: bool, gen: int, load: LoadOne, *, use_l2: bool = True
+        self, enc: bytes, version: bytes, fresh: bool, gen: int, load: LoadOne, *, use_l2: bool = True
     ) -> Row | None:
         remote = self.runtime.remote if use_l2 else None
         base = self.base(enc)
@@ -197,7 +259,7 @@ class TableCache:
             got = await remote.acquire_lease(base, token, int(self.policy.lease_ttl * 1000))
             if got is False:
                 self.lease_waits += 1
-                waited = await self._await_fill(remote, base)
+                waited = await self._await_fill(remote, enc, base)
                 if waited is not MISS:
                     self.l1.put(enc, waited, self._l1_ttl(waited), gen)
                     return waited  # type: ignore[no-any-return]
@@ -209,10 +271,13 @@ class TableCache:
                 # the lease between our miss and now: look once more before loading.
                 raw = await remote.get_row(base)
                 if raw is not UNAVAILABLE and raw is not None:
-                    await asyncio.shield(remote.release_lease(base, token))
-                    filled: Row | None = self.codec.loads(raw)
-                    self.l1.put(enc, filled, self._l1_ttl(filled), gen)
-                    return filled
+                    filled = self._decode(enc, raw)
+                    if filled is _CORRUPT:
+                        await self._discard(remote, [(base, raw)])  # and load, holding the lease
+                    else:
+                        await asyncio.shield(remote.release_lease(base, token))
+                        self.l1.put(enc, filled, self._l1_ttl(filled), gen)
+                        return filled  # type: ignore[no-any-return]
         try:
             self.db_loads += 1
             row = await load(fresh)
@@ -224,7 +289,7 @@ class TableCache:
         self.l1.put(enc, row, self._l1_ttl(row), gen)
         return row
 
-    async def _await_fill(self, remote: RemoteCache, base: str) -> Any:
+    async def _await_fill(self, remote: RemoteCache, enc: bytes, base: str) -> Any:
         """Wait (bounded) for the lease holder's fill; :data:`MISS` when it does not come."""
         deadline = time.monotonic() + self.policy.lease_wait
         delay = 0.002
@@ -234,41 +299,60 @@ class TableCache:
             if raw is UNAVAILABLE:
                 return MISS
             if raw is not None:
-                return self.codec.loads(raw)
+                row = self._decode(enc, raw)
+                if row is not _CORRUPT:
+                    return row
+                await self._discard(remote, [(base, raw)])  # the holder's fill may still come
             delay = min(delay * 2, 0.02)
         return MISS
 
     async def get_many(
         self, encs: dict[bytes, tuple[Any, ...]], load: LoadMany
     ) -> dict[bytes, Row | None]:
-        """Rows for ``encs`` (encoded key -> key values) after L1; absent keys map to ``None``."""
+        """Rows for ``encs`` (encoded key -> key values) after L1; absent keys map to ``None``.
+
+        L2 is read in chunks (:meth:`RemoteCache.read`); the keys of a chunk that
+        failed are loaded from the database like the misses, but nothing is filled
+        into L2 for them (neither a row nor an "absent" placeholder): without
+        their version, a fill could not be checked against a concurrent write.
+        """
         gen = self.l1.generation()
         out: dict[bytes, Row | None] = {}
         remote = self.runtime.remote
-        versions: dict[bytes, str] = {}
+        # Keys to fill L2 for, with the version read with their miss.
+        versions: dict[bytes, bytes] = {}
         # Keys with an L2 delete pending (see _unsynced): no L2 read or fill, primary.
         unsynced = {e for e in encs if e in self._unsynced}
         fresh: list[bytes] = list(unsynced)
         stale_ok: list[bytes] = []
         todo = [e for e in encs if e not in unsynced]
         if remote is not None and todo:
-            res = await remote.read([self.base(e) for e in todo])
+            bases = [self.base(e) for e in todo]
+            res = await remote.read(bases)
             if res is not UNAVAILABLE:
-                for enc, (raw, ver) in zip(todo, res, strict=True):
-                    if raw is not None:
-                        row = self.codec.loads(raw)
-                        self.l1.put(enc, row, self._l1_ttl(row), gen)
-                        out[enc] = row
+                corrupt: list[tuple[str, bytes]] = []
+                for enc, base, item in zip(todo, bases, res, strict=True):
+                    if item is UNAVAILABLE:
+                        stale_ok.append(enc)
                         continue
-                    v, written = parse_version(ver)
-                    versions[enc] = v
+                    raw, ver = item
+                    if raw is not None:
+                        row = self._decode(enc, raw)
+                        if row is not _CORRUPT:
+                            self.l1.put(enc, row, self._l1_ttl(row), gen)
+                            out[enc] = row
+                            continue
+                        corrupt.append((base, raw))
+                    versions[enc], primary = self._version(ver)
                     if ver is None and self._bloom_says_absent(enc):
                         self.l1.put(enc, None, self._l1_ttl(None), gen)
                         out[enc] = None
-                    elif self._fresh(written):
+                    elif primary:
                         fresh.append(enc)
                     else:
                         stale_ok.append(enc)
+                if corrupt:
+                    await self._discard(remote, corrupt)
             else:
                 stale_ok = todo
         else:
@@ -282,8 +366,9 @@ class TableCache:
             for enc in group:
                 row = rows.get(enc)
                 out[enc] = row
-                if remote is not None and enc not in unsynced:
-                    fills.append((self.base(enc), self.codec.dumps(row), self._l2_ttl_ms(row), versions.get(enc, "")))
+                version = versions.get(enc)
+                if remote is not None and version is not None:
+                    fills.append((self.base(enc), self.codec.dumps(row), self._l2_ttl_ms(row), version))
                 self.l1.put(enc, row, self._l1_ttl(row), gen)
             if fills:
                 await remote.fill_many(fills)  # type: ignore[union-attr]
@@ -359,10 +444,10 @@ class TableCache:
             else:
                 # The breaker is open: do not make this write wait out a publish
                 # timeout; number the message now and let the retry queue send it.
-                failed = bus.message(self.table, list(encs), inserted)
-            if failed is not None:
+                failed = bus.messages(self.table, list(encs), inserted)
+            for payload in failed:  # queued in sequence order, retried in that order
 
-                async def publish(payload: bytes = failed) -> bool:
+                async def publish(payload: bytes = payload) -> bool:
                     return await bus.publish(payload)
 
                 rt.retry.put(publish)
@@ -486,7 +571,13 @@ class CacheRuntime:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        resync_interval: float = 1.0,
+        max_keys_per_message: int = 1000,
+        signing_key: str | None = None,
     ) -> None:
+        """``resync_interval``, ``max_keys_per_message``, ``signing_key``: see
+        :class:`~dal.cache.invalidation.InvalidationBus` (``resync_interval``,
+        ``max_keys``, ``signing_key``)."""
         from dal.breaker import Breaker
 
         self.clock = clock
@@ -512,8 +603,10 @@ class CacheRuntime:
             breaker = Breaker("redis", failures=breaker_failures, reset=breaker_reset, clock=clock, on_close=self.redis_returned)
             self.remote = RemoteCache(self._client, breaker, cluster=cluster)
             self.bus = InvalidationBus(
-                self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout, cluster=cluster
-            )
+                self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout,
+                cluster=cluster, clock=clock, wall=wall, resync_interval=resync_interval,
+                max_keys=max_keys_per_message, signing_key=None if signing_key is None else signing_key.encode(),
+            )  # fmt: skip
 
     @staticmethod
     def _bus_client(url: str, cluster: bool, timeout: float) -> Any:
@@ -531,7 +624,8 @@ class CacheRuntime:
 
     @property
     def bus_live(self) -> bool:
-        return self.bus is None or self.bus.subscribed
+        """No invalidation may have been missed: subscribed, and no resync pending."""
+        return self.bus is None or (self.bus.subscribed and not self.bus.resync_pending)
 
     def add(self, cache: TableCache) -> None:
         self.tables[cache.table] = cache
@@ -543,6 +637,13 @@ class CacheRuntime:
         for t in self.tables.values():
             t.l1.flush()
             t.resync_bloom()
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` in a background task, kept referenced until done (and waited for by
+        :meth:`aclose`)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def shielded(self, work: Awaitable[T]) -> T:
         """Await ``work`` in its own task, which finishes even if the caller is cancelled

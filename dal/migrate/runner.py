@@ -35,7 +35,7 @@ import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -294,7 +294,10 @@ class Migrator:
 
     @contextlib.asynccontextmanager
     async def _session(self, db: DatabaseSpec) -> AsyncIterator[_Session]:
-        conn = await connector_for(db.primary)()
+        # No query_timeout: building an index on a large table may take longer than any
+        # request should (the operator stops a migration; a timeout would cut it mid-way).
+        spec = replace(db.primary, pool=replace(db.primary.pool, query_timeout=None))
+        conn = await connector_for(spec)()
         try:
             yield _Session(db, conn)
         finally:

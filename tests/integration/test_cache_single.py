@@ -905,7 +905,7 @@ async def test_redis_killed_and_restarted(shard_urls: list[str]) -> None:
             sends: list[str] = []
             real_send = bus.send
 
-            async def counting_send(table: str, keys: list[bytes], inserted: bool) -> bytes | None:
+            async def counting_send(table: str, keys: list[bytes], inserted: bool) -> list[bytes]:
                 sends.append(table)
                 return await real_send(table, keys, inserted)
 
