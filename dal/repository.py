@@ -384,15 +384,7 @@ class Repository(Generic[RowT]):
         """Insert one row; :class:`~dal.errors.DuplicateKeyError` when its key exists."""
         target, values = self._row_target(row)
         st = self._stmts[target.slot]
-        c = st.insert(target.slot, tuple(values))
-        try:
-            await self._execute(target, c, c.params(values))
-        except BaseException as exc:
-            if self._cache is not None and self._tx is None and outcome_unknown(exc):
-                await self._invalidate_written(values, exc)
-            raise
-        if self._cache is not None:
-            await self._invalidate_written(values)
+        await self._write_row(target, st.insert(target.slot, tuple(values)), values)
 
     async def upsert(self, row: Mapping[str, Any] | Any) -> None:
         """Insert one row, or overwrite the given columns of the row with its key."""
@@ -401,7 +393,11 @@ class Repository(Generic[RowT]):
         # existing row keeps what the caller did not give.
         given = as_mapping(row, self._table.name)
         st = self._stmts[target.slot]
-        c = st.upsert(target.slot, tuple(values), tuple(k for k in values if k in given))
+        await self._write_row(target, st.upsert(target.slot, tuple(values), tuple(k for k in values if k in given)), values)
+
+    async def _write_row(self, target: Target, c: Compiled, values: dict[str, Any]) -> None:
+        """Run an insert/upsert of ``values``; its keys are invalidated after it, or before its
+        error when its outcome is unknown."""
         try:
             await self._execute(target, c, c.params(values))
         except BaseException as exc:

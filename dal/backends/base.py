@@ -72,6 +72,10 @@ class Connection(Protocol):
 
     def in_transaction(self) -> bool: ...
 
+    def is_closed(self) -> bool:
+        """Whether the driver already knows the connection is gone (no round trip)."""
+        ...
+
     async def close(self) -> None: ...
 
     def terminate(self) -> None:
@@ -105,6 +109,24 @@ async def settle(conn: Connection, work: Callable[[], Awaitable[bool]], exc: Bas
     if not task.done():
         exc.dal_unsettled = task  # type: ignore[attr-defined]
         log.warning("a statement interrupted on the client is not confirmed over on the server yet; ending it in the background")
+
+
+async def retry_until(attempt: Callable[[], Awaitable[None]], errors: tuple[type[BaseException], ...], deadline: float) -> bool:
+    """Call ``attempt`` until it returns (True), retrying with backoff after ``errors``, or
+    until ``deadline`` seconds have passed (False). Ending a session of a server that is
+    restarting or briefly unreachable is worth a few tries."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    delay = 0.05
+    while True:
+        try:
+            await attempt()
+            return True
+        except errors:
+            if loop.time() > end:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def unsettled(exc: BaseException) -> asyncio.Future[bool] | None:
@@ -175,6 +197,10 @@ class Pool:
         idle = self._idle
         while idle:
             conn = idle.pop()
+            if conn.is_closed():  # the server closed it while idle (restart, idle timeout)
+                conn.broken = True
+                self._discard(conn)
+                continue
             if self._expired(conn, self._clock()):
                 self._discard(conn)
                 continue
@@ -314,6 +340,9 @@ class Pool:
     async def _terminate_when_settled(conn: Connection, settling: asyncio.Future[bool]) -> None:
         try:
             await asyncio.wait([settling])
+        except asyncio.CancelledError:
+            settling.cancel()  # (the pool is closing)
+            raise
         finally:
             conn.terminate()
 
@@ -362,4 +391,11 @@ class Pool:
         self._size -= len(idle)
         await asyncio.gather(*(self._close_quietly(c) for c in idle))
         if self._background:
+            # Settlings of interrupted statements may wait for a server that is gone
+            # (each is bounded, but by tens of seconds): closing waits a bounded time.
+            _, pending = await asyncio.wait(list(self._background), timeout=2 * self._settings.cancel_timeout)
+            if pending:
+                log.warning("%s: %d interrupted statements not confirmed over at close", self.name, len(pending))
+                for task in pending:
+                    task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -58,7 +58,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row, settle
+from .base import Row, retry_until, settle
 
 _DUPLICATE = {1062, 1586}
 _FOREIGN_KEY = {1216, 1217, 1451, 1452}
@@ -263,6 +263,10 @@ class MySQLConnection:
     def in_transaction(self) -> bool:
         return self._in_tx
 
+    def is_closed(self) -> bool:
+        # aiomysql learns of a close by the server only on its next read: only its own closes show
+        return bool(self._conn.closed)
+
     async def close(self) -> None:
         await self._conn.ensure_closed()
 
@@ -300,42 +304,28 @@ async def kill_connection(spec: NodeSpec, thread_id: int, *, deadline: float = 3
     """``KILL CONNECTION thread_id`` on ``spec``'s server from a connection of its own, then wait
     until the thread is gone from the process list (its statement over, its transaction rolled
     back). True once gone; False when the server could not be reached within ``deadline`` s."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    delay = 0.05
-    while True:
+
+    async def attempt() -> None:
+        side = await connect(spec)
         try:
-            side = await connect(spec)
-            try:
-                async with asyncio.timeout(spec.pool.cancel_timeout):
-                    try:
-                        await side._cur.execute("KILL CONNECTION %s", (thread_id,))
-                    except pymysql.err.MySQLError as exc:
-                        if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
-                            raise
-                    while True:
-                        await side._cur.execute(
-                            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (thread_id,)
-                        )
-                        row = await side._cur.fetchone()
-                        if not row or not row[0]:
-                            return True
-                        await asyncio.sleep(0.01)
-            finally:
-                side.terminate()
-        except (DalError, *_ERRORS):
-            if loop.time() > end:
-                return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            async with asyncio.timeout(spec.pool.cancel_timeout):
+                try:
+                    await side._cur.execute("KILL CONNECTION %s", (thread_id,))
+                except pymysql.err.MySQLError as exc:
+                    if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
+                        raise
+                while True:
+                    await side._cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (thread_id,))
+                    row = await side._cur.fetchone()
+                    if not row or not row[0]:
+                        return
+                    await asyncio.sleep(0.01)
+        finally:
+            side.terminate()
+
+    return await retry_until(attempt, (DalError, *_ERRORS), deadline)
 
 
-# Sent at connect, before anything else. The character set is set again although the
-# handshake names it, because a server running with character_set_client_handshake=OFF
-# ignores the handshake's. sql_mode keeps the server's modes but NO_BACKSLASH_ESCAPES
-# (PyMySQL escapes bytes with backslashes whatever the mode, so under it a bytes value
-# could end its literal) and adds STRICT_ALL_TABLES. Neither statement contains a
-# backslash, so each means the same in either mode.
 _SESSION_INIT = (
     f"SET NAMES {MYSQL_CHARSET} COLLATE {MYSQL_CHARSET}_general_ci",
     "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(TRIM(BOTH ',' FROM REPLACE(CONCAT(',', @@SESSION.sql_mode, ','),"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterable, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -60,7 +61,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row, settle
+from .base import Row, retry_until, settle
 
 # InternalClientError: asyncpg's state machine after the server's FATAL arrived on an
 # idle connection ("cannot switch to state ..."): the connection is gone.
@@ -72,6 +73,8 @@ _ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientEr
 # takes the statement's text (the public copy methods build it themselves). That is
 # asyncpg's internal API, the same from 0.29 to 0.32 (what dal is tested with); on
 # other versions BEGIN goes on its own, through the public API.
+log = logging.getLogger("dal.postgres")
+
 _FOLD_COPY = tuple(int(p) for p in asyncpg.__version__.split(".")[:2] if p.isdigit()) <= (0, 32)
 
 
@@ -301,6 +304,9 @@ class PostgresConnection:
     def in_transaction(self) -> bool:
         return self._open or bool(self._conn.is_in_transaction())
 
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
     async def close(self) -> None:
         await self._conn.close(timeout=5)
 
@@ -331,8 +337,8 @@ class PostgresConnection:
             return True
         except pgx.PostgresError:
             return True  # an answer (the aborted transaction's, a late cancel's): over
-        except Exception:  # no answer in time, or the connection is gone
-            pass
+        except Exception as exc:  # no answer in time, or the connection is gone
+            log.warning("%s: no answer to a cancelled statement (%r): ending its backend", self._node, exc)
         pid = self._conn.get_server_pid()
         self._conn.terminate()
         return await terminate_backend(self._spec, pid)
@@ -358,27 +364,20 @@ async def terminate_backend(spec: NodeSpec, pid: int, *, deadline: float = 30.0)
     """End backend ``pid`` of ``spec``'s server from a connection of its own and wait until it is
     gone (its transaction rolled back, its statement over). True once gone; False when the
     server could not be reached within ``deadline`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    delay = 0.05
-    while True:
+
+    async def attempt() -> None:
+        side = await connect(spec)
         try:
-            side = await connect(spec)
-            try:
-                async with asyncio.timeout(spec.pool.cancel_timeout):
-                    await side._conn.execute("SELECT pg_terminate_backend($1)", pid)
-                    while await side._conn.fetchval(  # noqa: ASYNC110 - polling another server's state
-                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
-                    ):
-                        await asyncio.sleep(0.01)
-                return True
-            finally:
-                side.terminate()
-        except (DalError, *_ERRORS):
-            if loop.time() > end:
-                return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            async with asyncio.timeout(spec.pool.cancel_timeout):
+                await side._conn.execute("SELECT pg_terminate_backend($1)", pid)
+                while await side._conn.fetchval(  # noqa: ASYNC110 - polling another server's state
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+                ):
+                    await asyncio.sleep(0.01)
+        finally:
+            side.terminate()
+
+    return await retry_until(attempt, (DalError, *_ERRORS), deadline)
 
 
 async def connect(spec: NodeSpec) -> PostgresConnection:

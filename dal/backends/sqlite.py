@@ -168,6 +168,9 @@ class SQLiteConnection:
     def in_transaction(self) -> bool:
         return bool(self._conn.in_transaction)
 
+    def is_closed(self) -> bool:
+        return not self._conn._running
+
     async def close(self) -> None:
         await self._conn.close()
 

@@ -28,6 +28,7 @@ from dal import (
     DataLayer,
     QueryTimeoutError,
 )
+from dal.repository import Repository
 from tests.batch_support import BATCH_DBS, slot_of
 from tests.cache_support import cache_topology, delete_ns, unique_namespace
 from tests.conftest import REDIS_URL, users_orders_metadata
@@ -116,6 +117,19 @@ def make(urls: list[str], ns: str, **pool: Any) -> DataLayer:
     return DataLayer(cfg, users_orders_metadata(), env={})
 
 
+KEY = 7
+
+
+async def fresh_users(layer: DataLayer) -> Repository[Any]:
+    """Fresh physical tables holding row KEY named "old", read once (so cached in L1 and L2)."""
+    await layer.drop_all()
+    await layer.create_all()
+    repo = layer.repository("users")
+    await repo.insert({"id": KEY, "name": "old"})
+    assert (await repo.get(KEY))["name"] == "old"
+    return repo
+
+
 @pytest.fixture
 async def ns() -> AsyncIterator[str]:
     name = unique_namespace()
@@ -154,13 +168,9 @@ async def test_cancelled_write_waiting_on_a_lock_never_lands(backend: str, urls:
     on the server, so releasing the lock does not let it commit, and the cache serves what
     the database holds."""
     async with make(urls, ns) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        repo = layer.repository("users")
-        key = 7
+        repo = await fresh_users(layer)
+        key = KEY
         db, table = physical(key)
-        await repo.insert({"id": key, "name": "old"})
-        assert (await repo.get(key))["name"] == "old"  # cached now (L1 and L2)
         async with Locker(backend, urls[int(db[-1])]) as locker:
             await locker.lock_row(table, key)
             with pytest.raises(TimeoutError):
@@ -182,12 +192,9 @@ async def test_query_timeout_cancels_on_the_server_and_says_so(backend: str, url
     ConnectionUnavailableError), naming the node and saying the write may have landed; the
     statement is gone from the server. A read blocked the same way times out as a read."""
     async with make(urls, ns, query_timeout=0.5) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        repo = layer.repository("users")
-        key = 7
+        repo = await fresh_users(layer)
+        key = KEY
         db, table = physical(key)
-        await repo.insert({"id": key, "name": "old"})
         async with Locker(backend, urls[int(db[-1])]) as locker:
             await locker.lock_row(table, key)
             with pytest.raises(QueryTimeoutError) as ei:
@@ -229,12 +236,8 @@ async def test_write_cut_off_after_it_landed_invalidates_the_cache(
     invalidated before the cancellation reaches the caller, and every read after it sees
     the new row."""
     async with make(urls, ns) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        repo = layer.repository("users")
-        key = 7
-        await repo.insert({"id": key, "name": "old"})
-        assert (await repo.get(key))["name"] == "old"  # cached
+        repo = await fresh_users(layer)
+        key = KEY
         cls = type(await _any_connection(layer, key))
         real = cls.execute
         answered = asyncio.Event()
@@ -273,15 +276,10 @@ async def test_pg_statement_that_outlives_its_cancel_is_waited_for(backend: str,
     """PostgreSQL: a trigger that ignores the cancel (it catches query_canceled) makes the
     UPDATE commit although the caller gave up. dal waits for the server's answer before the
     cancellation propagates, then invalidates: the cache never serves the old row."""
-    pg_urls = urls
-    async with make(pg_urls, ns) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        repo = layer.repository("users")
-        key = 7
+    async with make(urls, ns) as layer:
+        repo = await fresh_users(layer)
+        key = KEY
         db, table = physical(key)
-        await repo.insert({"id": key, "name": "old"})
-        assert (await repo.get(key))["name"] == "old"
         await raw.execute(
             db,
             "CREATE OR REPLACE FUNCTION dal_stubborn() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -290,21 +288,32 @@ async def test_pg_statement_that_outlives_its_cancel_is_waited_for(backend: str,
         )
         await raw.execute(db, f"CREATE TRIGGER stubborn AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION dal_stubborn()")
         loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(repo.update(key, {"name": "new"}))
-        # Cancel once the UPDATE is inside its trigger (the cancel must reach the sleep it swallows).
-        while not await raw.fetch(  # noqa: ASYNC110 - polling the server
-            "db1" if db == "db0" else "db0",
-            f"SELECT 1 FROM pg_stat_activity WHERE datname = '{BATCH_DBS[int(db[-1])]}' AND wait_event = 'PgSleep'",
-        ):
-            await asyncio.sleep(0.01)
-        t0 = loop.time()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        waited = loop.time() - t0
-        assert await stored_name(raw, key) == "new"  # it landed
-        assert waited >= 0.4, waited  # the cancellation waited for the server's answer
-        assert (await repo.get(key))["name"] == "new"
+        landed = 0
+        # Now and then PostgreSQL cancels the UPDATE although the trigger catches the cancel
+        # (seen with plain asyncpg too, under CPU load): try until it landed, and check the
+        # cache against what the server did every time.
+        for attempt in range(6):
+            value = f"new{attempt}"
+            task = asyncio.ensure_future(repo.update(key, {"name": value}))
+            # Cancel once the UPDATE is inside its trigger (the cancel must reach the sleep it swallows).
+            while not await raw.fetch(  # noqa: ASYNC110 - polling the server
+                "db1" if db == "db0" else "db0",
+                f"SELECT 1 FROM pg_stat_activity WHERE datname = '{BATCH_DBS[int(db[-1])]}' "
+                "AND wait_event = 'PgSleep' AND query LIKE 'UPDATE%'",
+            ):
+                await asyncio.sleep(0.01)
+            t0 = loop.time()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            waited = loop.time() - t0
+            stored = await stored_name(raw, key)
+            assert (await repo.get(key))["name"] == stored  # never the cached older row
+            if stored == value:
+                landed += 1
+                assert waited >= 0.4, waited  # the cancellation waited for the server's answer
+                break
+        assert landed, "the UPDATE never outlived its cancel"
         await layer.drop_all()
 
 
@@ -314,13 +323,9 @@ async def test_commit_cut_off_is_commit_unknown_and_invalidated(backend: str, ur
     CommitUnknownError naming the node, may_have_landed; the transaction's keys are
     invalidated, and the cache agrees with whatever the server did."""
     async with make(urls, ns, query_timeout=0.5) as layer:
-        await layer.drop_all()
-        await layer.create_all()
-        repo = layer.repository("users")
-        key = 7
+        repo = await fresh_users(layer)
+        key = KEY
         db, table = physical(key)
-        await repo.insert({"id": key, "name": "old"})
-        assert (await repo.get(key))["name"] == "old"
         await raw.execute(
             db,
             "CREATE OR REPLACE FUNCTION dal_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -470,3 +475,25 @@ async def test_cancellation_soak_leaves_cache_equal_to_primary(backend: str, url
             break
         await asyncio.sleep(0.1)
     assert await _dal_sessions(backend, raw) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_pooled_connection_closed_by_the_server_is_not_used(backend: str, urls: list[str], raw: Any, ns: str) -> None:
+    """An idle pooled connection the server closed (restart, idle timeout, terminated) is
+    dropped at checkout: a write on it would be in doubt (CommitUnknownError), though nothing
+    of it could have been sent."""
+    async with make(urls, ns) as layer:
+        repo = await fresh_users(layer)
+        key = KEY
+        db, _ = physical(key)
+        node = layer.cluster.primary(db)
+        assert node.pool.idle >= 1
+        await raw.execute(
+            db,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{BATCH_DBS[int(db[-1])]}' "
+            "AND pid <> pg_backend_pid() AND application_name = ''",
+        )
+        await asyncio.sleep(0.2)  # the client hears of it
+        assert await repo.update(key, {"name": "new"})
+        assert (await repo.get(key))["name"] == "new"
+        await layer.drop_all()
