@@ -86,17 +86,24 @@ class Connection(Protocol):
 Connector = Callable[[], Awaitable[Connection]]
 
 
-async def settle(conn: Connection, work: Callable[[], Awaitable[bool]], exc: BaseException, timeout: float) -> None:
+async def settle(
+    conn: Connection, work: Callable[[], Awaitable[bool]], exc: BaseException, timeout: float, *, read: bool = False
+) -> None:
     """Run ``work`` (make an interrupted statement end on the server; True once the
     server confirmed it) before ``exc`` propagates: shielded from the caller's
     cancellation, waited for up to ``timeout``. Past that, or when the caller is
     cancelled again, it goes on as ``conn.unsettled`` and ``exc.dal_unsettled``.
-    ``conn`` is flagged broken: its protocol state is not to be trusted again."""
+    A ``read`` cannot land, so its caller does not wait: the settling runs in the
+    background (the server stops the statement all the same; the pool closes the
+    connection once it is over). ``conn`` is flagged broken: its protocol state
+    is not to be trusted again."""
     conn.broken = True
     if conn.unsettled is not None:  # already settling (an interrupted COMMIT's ROLLBACK, ...)
         return
     task = asyncio.ensure_future(work())
     conn.unsettled = task
+    if read:
+        return
     try:
         async with asyncio.timeout(timeout):
             await asyncio.shield(task)

@@ -178,7 +178,7 @@ class MySQLConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
@@ -191,7 +191,7 @@ class MySQLConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
@@ -264,8 +264,9 @@ class MySQLConnection:
         return self._in_tx
 
     def is_closed(self) -> bool:
-        # aiomysql learns of a close by the server only on its next read: only its own closes show
-        return bool(self._conn.closed)
+        # aiomysql reads only when asked, but its stream hears the server's close (EOF) at once
+        reader = getattr(self._conn, "_reader", None)
+        return bool(self._conn.closed or (reader is not None and reader.at_eof()))
 
     async def close(self) -> None:
         await self._conn.ensure_closed()
@@ -283,7 +284,7 @@ class MySQLConnection:
             node=self._node,
             may_have_landed=landed,
         )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
         return err
 
     async def _settle(self) -> bool:

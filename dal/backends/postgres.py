@@ -169,7 +169,7 @@ class PostgresConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
@@ -182,7 +182,7 @@ class PostgresConnection:
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
@@ -323,7 +323,7 @@ class PostgresConnection:
             node=self._node,
             may_have_landed=landed,
         )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
         return err
 
     async def _settle(self) -> bool:

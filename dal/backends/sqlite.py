@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -35,6 +35,11 @@ from dal.errors import (
 )
 
 from .base import Row, settle
+
+_BUSY_SLICE = 0.02
+"""Seconds SQLite itself waits for a lock before saying the database is locked."""
+
+T = TypeVar("T")
 
 # OverflowError: an int beyond SQLite's 64-bit INTEGER, raised by sqlite3 when binding.
 # ValueError: UnicodeEncodeError of a str with a lone surrogate (sqlite3), or one of
@@ -92,8 +97,8 @@ class SQLiteConnection:
         self._node = spec.name
         self.unsettled: asyncio.Future[bool] | None = None
         qt = spec.pool.query_timeout
-        # SQLite's busy timeout (query_timeout) first: a statement refused for a lock it
-        # could not get did nothing, and the connection stays usable.
+        # The lock wait's own limit (query_timeout, in _locked) first: a statement refused
+        # for a lock it could not get did nothing, and the connection stays usable.
         self._deadline: float | None = None if qt is None else qt + 1.0
         self.broken = False
         self.created_at = 0.0
@@ -102,13 +107,13 @@ class SQLiteConnection:
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
             async with asyncio.timeout(self._deadline):
-                rows = await self._conn.execute_fetchall(sql, params)
+                rows = await self._locked(lambda: self._conn.execute_fetchall(sql, params))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
         for row in rows:
             return row
@@ -117,19 +122,19 @@ class SQLiteConnection:
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
             async with asyncio.timeout(self._deadline):
-                return list(await self._conn.execute_fetchall(sql, params))
+                return list(await self._locked(lambda: self._conn.execute_fetchall(sql, params)))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
         except _ERRORS as exc:
             raise self._lost(exc) from exc
         except asyncio.CancelledError as exc:
-            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout)
+            await settle(self, self._settle, exc, self._spec.pool.cancel_timeout, read=True)
             raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             async with asyncio.timeout(self._deadline):
-                cur = await self._conn.execute(sql, params)
+                cur = await self._locked(lambda: self._conn.execute(sql, params))
                 count = cur.rowcount
                 await cur.close()
             return max(count, 0)
@@ -144,7 +149,7 @@ class SQLiteConnection:
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
             async with asyncio.timeout(self._deadline):
-                cur = await self._conn.executemany(sql, params)
+                cur = await self._locked(lambda: self._conn.executemany(sql, params))
                 count = cur.rowcount
                 await cur.close()
             return max(count, 0)
@@ -179,6 +184,26 @@ class SQLiteConnection:
         # loop is gone (a close task might never run).
         self._conn.stop()
 
+    async def _locked(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, again while SQLite says the database is locked, for up to
+        ``query_timeout``. The lock is waited for here, in short slices (the connection's
+        own busy timeout is :data:`_BUSY_SLICE`), not in SQLite's busy handler: a caller
+        cancelled meanwhile stops at once, with nothing running in the worker thread
+        (``sqlite3_interrupt`` does not cut a busy wait). A statement refused for a lock
+        did nothing, so trying it again is safe."""
+        loop = asyncio.get_running_loop()
+        qt = self._spec.pool.query_timeout
+        end = None if qt is None else loop.time() + qt
+        delay = 0.001
+        while True:
+            try:
+                return await call()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or (end is not None and loop.time() >= end):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
     async def _timed_out(self, exc: BaseException, *, write: bool) -> QueryTimeoutError:
         err = QueryTimeoutError(
             f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s and was interrupted"
@@ -186,7 +211,7 @@ class SQLiteConnection:
             node=self._node,
             may_have_landed=write,
         )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout)
+        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
         return err
 
     async def _settle(self) -> bool:
@@ -217,7 +242,7 @@ def database_path(spec: NodeSpec) -> str:
 
 async def connect(spec: NodeSpec) -> SQLiteConnection:
     path = database_path(spec)
-    timeout = spec.pool.query_timeout or spec.pool.acquire_timeout
+    timeout = _BUSY_SLICE  # (lock waits beyond it: SQLiteConnection._locked)
     try:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -115,9 +115,11 @@ class InvalidationBus:
     can publish on the channel). A message that is not exactly a well-typed
     ``[origin, seq, table, keys, inserted, sent]`` (origin: bytes; seq: int >= 0;
     table: str; keys: a list of bytes; inserted: bool; sent: a finite number) is
-    dropped and counted in :attr:`malformed`; so is one for a table no handler is
-    registered for (its sequence number still counts, so the origin's next
-    message is no gap). Nothing a message holds makes the subscriber reconnect.
+    dropped and counted in :attr:`malformed`. One for a table no handler is
+    registered for (cached by processes of another service on the same channel)
+    is counted in :attr:`foreign`; its sequence number still counts, so the
+    origin's next message is no gap. Nothing a message holds makes the
+    subscriber reconnect.
 
     - Sequence numbers are tracked for the last :data:`MAX_ORIGINS` origins heard
       from (least recently heard forgotten first); an origin forgotten and heard
@@ -178,6 +180,7 @@ class InvalidationBus:
         self.resyncs = 0
         self.reconnects = 0
         self.malformed = 0
+        self.foreign = 0
         self.oversized = 0
         self.bad_signature = 0
         self.last_delay_ms: float | None = None
@@ -371,7 +374,9 @@ class InvalidationBus:
             self._gap()  # (and apply this one: the resync may be a while away)
         handler = self._handlers.get(table)
         if handler is None:
-            self._drop("malformed", "an invalidation message for a table not cached here")
+            # Well formed, for a table another process caches (processes of different
+            # services may share a channel): nothing to do here, and nothing wrong.
+            self.foreign += 1
             return
         handler(keys, inserted)
 

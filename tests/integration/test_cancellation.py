@@ -477,7 +477,7 @@ async def test_cancellation_soak_leaves_cache_equal_to_primary(backend: str, url
     assert await _dal_sessions(backend, raw) == 0
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 async def test_pooled_connection_closed_by_the_server_is_not_used(backend: str, urls: list[str], raw: Any, ns: str) -> None:
     """An idle pooled connection the server closed (restart, idle timeout, terminated) is
     dropped at checkout: a write on it would be in doubt (CommitUnknownError), though nothing
@@ -488,11 +488,20 @@ async def test_pooled_connection_closed_by_the_server_is_not_used(backend: str, 
         db, _ = physical(key)
         node = layer.cluster.primary(db)
         assert node.pool.idle >= 1
-        await raw.execute(
-            db,
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{BATCH_DBS[int(db[-1])]}' "
-            "AND pid <> pg_backend_pid() AND application_name = ''",
-        )
+        if backend == "postgresql":
+            await raw.execute(
+                db,
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{BATCH_DBS[int(db[-1])]}' "
+                "AND pid <> pg_backend_pid()",
+            )
+        else:
+            ids = await raw.fetch(
+                db,
+                f"SELECT ID FROM information_schema.PROCESSLIST WHERE DB = '{BATCH_DBS[int(db[-1])]}' "
+                "AND ID <> CONNECTION_ID()",
+            )
+            for (thread_id,) in ids:
+                await raw.execute(db, f"KILL CONNECTION {int(thread_id)}")
         await asyncio.sleep(0.2)  # the client hears of it
         assert await repo.update(key, {"name": "new"})
         assert (await repo.get(key))["name"] == "new"

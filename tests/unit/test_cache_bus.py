@@ -97,7 +97,7 @@ def test_unknown_table_is_counted_and_its_sequence_still_counts() -> None:
     h = Harness()
     h.bus._apply(good(1))
     h.bus._apply(packed(ORIGIN, 2, "orders", [b"1"], False, 4.0))
-    assert h.bus.malformed == 1 and len(h.applied) == 1
+    assert h.bus.foreign == 1 and h.bus.malformed == 0 and len(h.applied) == 1
     h.bus._apply(good(3))
     assert h.bus.gaps == 0 and h.resyncs == 0 and len(h.applied) == 2
 
