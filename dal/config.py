@@ -582,6 +582,14 @@ class Config:
         for t in self.tables:
             if t.cache is not None:
                 t.cache.validate(f"tables.{t.name}.cache")
+                if self.cache.signing_key is not None and t.cache.bloom_source == "redis":
+                    # A signing key says others can write to this Redis; a Bloom snapshot
+                    # there answers "absent" for keys that exist (a zeroed one, for all).
+                    raise ConfigError(
+                        f"tables.{t.name}.cache.bloom_source",
+                        "a Bloom filter snapshot in a Redis that others can write cannot be trusted "
+                        "(cache.signing_key is set): use bloom_source = \"database\"",
+                    )
 
     # -- loaders ----------------------------------------------------------------
     @classmethod

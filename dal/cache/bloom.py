@@ -89,6 +89,11 @@ class BloomMembership:
         f = self._filter
         return [i * f.bits_per_slice + k for i, k in enumerate(f.make_hashes(key))]
 
+    @property
+    def byte_size(self) -> int:
+        """The length of :meth:`to_bytes`: what a snapshot of this geometry holds."""
+        return (int(self._filter.num_bits) + 7) // 8
+
     def to_bytes(self) -> bytes:
         bits = bitarray(self._filter.bitarray, endian="big")
         return bits.tobytes()

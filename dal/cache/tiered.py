@@ -483,18 +483,32 @@ class TableCache:
         res = await remote._call(lambda: remote.client.hgetall(meta_key))
         if res is UNAVAILABLE or not res:
             return False
-        meta = {k.decode(): v.decode() for k, v in res.items()}
-        if int(meta.get("capacity", -1)) != bloom.capacity or float(meta.get("error_rate", -1)) != bloom.error_rate:
+        # Redis contents are untrusted: a snapshot that does not parse, or whose bits are not
+        # exactly the filter's size (a short one would read as zeros: "absent" for keys that
+        # exist), is no snapshot; the filter is then built from the database.
+        try:
+            meta = {k.decode(): v.decode() for k, v in res.items()}
+            capacity, error_rate = int(meta["capacity"]), float(meta["error_rate"])
+            count, generation = int(meta.get("count", 0)), int(meta.get("generation", 0))
+        except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
+            self._discard_snapshot("its metadata does not parse")
+            return False
+        if capacity != bloom.capacity or error_rate != bloom.error_rate:
             return False
         data = await remote._call(lambda: remote.client.get(bits_key))
         if data is UNAVAILABLE or data is None:
             return False
-        snap = BloomMembership.from_bytes(
-            data, bloom.capacity, bloom.error_rate, int(meta.get("count", 0)), int(meta.get("generation", 0))
-        )
+        if type(data) is not bytes or len(data) != bloom.byte_size or not count >= 0 or generation < 0:
+            self._discard_snapshot("its bits are not the filter's size")
+            return False
+        snap = BloomMembership.from_bytes(data, bloom.capacity, bloom.error_rate, count, generation)
         bloom.finish_rebuild(snap)
         self.bloom_ready = True
         return True
+
+    def _discard_snapshot(self, why: str) -> None:
+        self.corrupt_entries += 1
+        log.warning("ignoring the Bloom filter snapshot of %s in Redis: %s", self.table, why)
 
     async def _save_snapshot(self) -> None:
         remote, bloom = self.runtime.remote, self.bloom

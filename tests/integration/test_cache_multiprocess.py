@@ -163,6 +163,7 @@ def percentile(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- 1. race harness
 
 
+@pytest.mark.slow
 def test_race_writers_readers_with_replica_lag(pg: PgReplicaSet, ns: str) -> None:
     """3 processes x 4 tasks of updates (+ read-back), gets and get_manys on 5 hot keys, with
     replay on the replica paused and resumed several times. Then, after the replica caught
@@ -321,6 +322,7 @@ def test_stampede_one_cold_key_one_query(pg: PgReplicaSet, ns: str, slow_db: boo
 # --------------------------------------------------------------------------- 3. penetration
 
 
+@pytest.mark.slow
 def test_penetration_absent_keys_stopped_by_bloom(pg: PgReplicaSet, ns: str) -> None:
     """100,000 gets of keys that do not exist (2 processes) with 20,000 rows and a warmed
     Bloom filter: at most 0.2% reach the database and Redis holds no flood of placeholders."""
@@ -531,6 +533,7 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_redis_killed_and_restarted_under_load(pg: PgReplicaSet, ns: str) -> None:
     """2 processes doing gets/get_manys/updates/inserts/deletes; redis-server is SIGKILLed
     mid-run and restarted on the same port 1.5 s later. No call fails, and after recovery

@@ -527,6 +527,50 @@ async def test_bloom_snapshot_in_redis_is_kept_complete(shard_urls: list[str]) -
 
 
 @only("postgresql")
+@pytest.mark.parametrize("forgery", ["truncated", "zeroed-short", "bad-meta"])
+async def test_bloom_snapshot_that_does_not_fit_is_ignored(shard_urls: list[str], forgery: str) -> None:
+    """Redis contents are untrusted: a snapshot whose bits are not the filter's size (a
+    short one would read as zeros: "absent" for rows that exist) or whose metadata does
+    not parse is ignored, and the filter is built from the database instead."""
+    settings = {"bloom": True, "bloom_source": "redis", "bloom_capacity": 20_000, "bloom_error_rate": 0.001}
+    async with make_env(shard_urls, settings=settings, prefill={USERS: [user(i) for i in range(200)]}) as env:
+        bits_key, meta_key = env.ta._snapshot_keys
+        if forgery == "truncated":
+            await env.r.set(bits_key, (await env.r.get(bits_key))[:10])
+        elif forgery == "zeroed-short":
+            await env.r.set(bits_key, b"\x00")
+        else:
+            await env.r.hset(meta_key, "count", "\xff\xfe")
+        cfg = cache_topology(shard_urls, TABLES, redis=REDIS_URL, namespace=env.ns, settings=settings)
+        c = DataLayer(cfg, metadata(), env={})
+        env.layers.append(c)
+        with Queries(c) as qc:
+            await c.start()
+            tc = c.cache_of(USERS)
+            assert tc is not None and tc.bloom_ready and tc.corrupt_entries == 1
+            assert [t for t in qc.per_table() if t.startswith(USERS)], "the filter was not built from the database"
+        for k in range(0, 200, 7):  # no L2 entry, no version key: only the filter stands in the way
+            await env.r.delete(tc.base(enc(k)) + ":ver", tc.base(enc(k)))
+            assert await c.repository(USERS).get(k) == user(k)
+
+
+def test_bloom_snapshot_in_redis_refused_with_a_signing_key() -> None:
+    """A signing key says others can write to the Redis; a snapshot there cannot be trusted."""
+    from dal import Config, ConfigError
+
+    with pytest.raises(ConfigError) as ei:
+        Config.from_dict(
+            {
+                "databases": {"db0": {"primary": "sqlite+aiosqlite:///:memory:"}},
+                "tables": {USERS: {"shard_key": "id", "cache": {"bloom_source": "redis"}}},
+                "cache": {"redis": REDIS_URL, "signing_key": "k" * 32},
+            },
+            env={},
+        )
+    assert ei.value.field == f"tables.{USERS}.cache.bloom_source"
+
+
+@only("postgresql")
 async def test_bloom_snapshot_save_keeps_bits_set_during_the_scan(shard_urls: list[str]) -> None:
     """A process that scans the database and then saves the snapshot must not wipe the
     bits another process SETBIT for a key inserted during the scan (its own filter may

@@ -290,6 +290,7 @@ class FailingMget:
         return await self._client.mget(keys)
 
 
+@pytest.mark.slow
 async def test_get_many_of_100000_keys_is_chunked_and_a_failed_chunk_leaves_no_fill(tmp_path: Path) -> None:
     n, present = 100_000, 2000
     async with make_layer(tmp_path, rows=present) as env:

@@ -187,6 +187,7 @@ async def test_primary_killed_mid_batch(
 
 
 
+@pytest.mark.slow
 async def test_commit_cut_off_is_resolved_on_the_restarted_primary(
     killable: tuple[PgReplicaSet | MariaDBReplicaSet, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
