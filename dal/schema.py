@@ -14,6 +14,7 @@ up in the declared table and rejected with
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import decimal
 import re
@@ -697,8 +698,11 @@ class LogicalTable:
                 try:
                     if not (lo < min(values) and max(values) < hi):
                         return False
-                    # no digit beyond the scale (quantize raises past 28 digits: checked one by one)
-                    return list(map(decimal.Decimal.quantize, values, repeat(self._quanta[name]))) == values
+                    # No non-zero digit beyond the scale: quantizing any such value is Inexact.
+                    # (A context's own quantize and one flag check: no result compared.)
+                    ctx = decimal.Context(prec=decimal.MAX_PREC, traps=[decimal.InvalidOperation])
+                    collections.deque(map(ctx.quantize, values, repeat(self._quanta[name])), maxlen=0)
+                    return not ctx.flags[decimal.Inexact]
                 except ArithmeticError:  # NaN
                     return False
             return True
