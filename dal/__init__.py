@@ -20,6 +20,7 @@ from dal.config import (
 )
 from dal.errors import (
     BatchError,
+    BenchError,
     CommitUnknownError,
     ConfigError,
     ConnectionUnavailableError,
@@ -57,6 +58,7 @@ __all__ = [
     "BatchFailure",
     "BatchResult",
     "BatchWriter",
+    "BenchError",
     "CachePolicy",
     "CacheSettings",
     "CommitUnknownError",

@@ -47,7 +47,6 @@ import collections
 import contextlib
 import operator
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -79,6 +78,7 @@ from dal.errors import (
     outcome_unknown,
 )
 from dal.routing.router import Target
+from dal.routing.sharding import int_slot, slots_of
 from dal.schema import _default_value, as_mapping, not_a_collection
 from dal.sql import CONVERT_ERRORS, Compiled, compile_statement, unconvertible
 
@@ -391,7 +391,7 @@ class BatchPlanner:
                     _LiveTextSource([cols[c] for c in columns], forms, batch_size, at, keys_list, n),
                 )
         try:
-            slots = list(map(n.__rmod__, map(zlib.crc32, encoded)))
+            slots = slots_of(encoded, n)
         except UnicodeEncodeError:
             return None  # a lone surrogate: the row-by-row path names the row
         used = sorted(set(slots))
@@ -539,7 +539,7 @@ class BatchPlanner:
         A failure's culprits are looked up after the permit is given back: the lookup
         takes one of its own (with ``fanout_concurrency=1`` it would wait forever)."""
         try:
-            async with self.layer._fanout:
+            async with self.layer.fanout:
                 affected = await self.execute(op, b, sent)
         except DalError as exc:
             if b.text is not None:
@@ -969,7 +969,7 @@ class _LiveTextSource(_TextSource):
         # = the sharder's slot of each key (str(key).encode(), CRC32 IEEE, mod n), from
         # the key's COPY text (int.__repr__), which is rendered anyway
         n = self.n
-        slots = list(map(n.__rmod__, map(zlib.crc32, map(str.encode, texts[self.shard_at]))))
+        slots = slots_of(map(str.encode, texts[self.shard_at]), n)
         self._place(start, end, join_lines(texts), slots)
         return True
 
@@ -1207,7 +1207,7 @@ class BatchWriter:
             and type(v := values[shape.shard]) is int
             and self._slots
         ):
-            slot = zlib.crc32(b"%d" % v) % self._slots
+            slot = int_slot(v, self._slots)
             q = self._queues[slot]
             if q.runs and (run := q.runs[-1]).shape is shape.insert and run.op == "insert" and len(run.items) < self.max_rows:
                 self._held += 1
@@ -1298,9 +1298,7 @@ class BatchWriter:
                     slot = 0
                 else:
                     v = values[shape.shard]
-                    # An int's bytes are its decimal digits (dal.routing.sharding's contract,
-                    # here without two calls per row); other keys through the sharder.
-                    slot = zlib.crc32(b"%d" % v) % sharder.slots if type(v) is int else self._slot(v)
+                    slot = int_slot(v, sharder.slots) if type(v) is int else self._slot(v)
                 if slot >= 0:
                     return slot, shape.key(values), values, shape.insert if op == "insert" else shape.upsert
         slot, key, data, given = self._planner._plan_row(op, item, 0)

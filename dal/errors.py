@@ -31,6 +31,7 @@ its boundary to the most specific class below and chains the original with
     ├── TransactionError             misuse of a transaction (closed, rolled back)
     │   └── CrossShardTransactionError
     ├── BatchError                   some batches of a batched write failed (``.result`` says which)
+    ├── BenchError                   a benchmark could not run (``dal bench``: server, driver, precondition)
     └── ScanLimitExceededError       a fan-out query would read more rows than allowed
 
 ``InputError`` subclasses are raised before any I/O: nothing was sent, nothing
@@ -205,6 +206,13 @@ class ScanLimitExceededError(DalError):
             "across shards; add a shard key, a tighter filter, a smaller limit/offset, "
             "or use a keyset cursor (after=)"
         )
+
+
+class BenchError(DalError):
+    """A benchmark could not run: a missing server, driver, or a scenario precondition.
+
+    Also a bad ``dal bench`` invocation (an unknown ``--only`` name, a bad
+    ``--config`` file). The message says what to fix."""
 
 
 def outcome_unknown(exc: BaseException) -> bool:

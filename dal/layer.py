@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.named_types import CreateEnumType, DropEnumType
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
+from dal.clock import SystemClock
 from dal.cluster import Cluster
 from dal.config import Backend, Config, load_config
 from dal.errors import ConfigError
@@ -114,6 +115,8 @@ class DataLayer:
         self.cache: CacheRuntime | None = None
         cached = [t for t in self._tables.values() if t.spec.cache is not None]
         if cached:
+            # Imported here, not at the top: the cache's dependencies (msgpack, the
+            # Bloom filter) load only for a layer that caches.
             from dal.cache.tiered import CacheRuntime, TableCache
 
             s = self.config.cache
@@ -124,8 +127,7 @@ class DataLayer:
                 breaker_failures=s.breaker_failures,
                 breaker_reset=s.breaker_reset,
                 channel=s.channel,
-                clock=clock,
-                wall=wall,
+                clock=SystemClock(monotonic=clock, wall=wall),
                 rng=rng,
                 resync_interval=s.resync_interval,
                 max_keys_per_message=s.max_keys_per_message,
@@ -210,6 +212,17 @@ class DataLayer:
                     after = tuple(rows[-1])
 
         return scan
+
+    @property
+    def primary_scope(self) -> contextvars.ContextVar[bool]:
+        """True inside :meth:`read_primary` (in this context): reads go to primaries."""
+        return self._read_primary
+
+    @property
+    def fanout(self) -> asyncio.Semaphore:
+        """The bound on physical-table statements of fan-outs and batches run at once
+        (``fanout_concurrency``), shared by every repository of the layer."""
+        return self._fanout
 
     def read_primary(self) -> _PrimaryScope:
         """A scope (``with`` or ``async with``) in which every read goes to a primary."""

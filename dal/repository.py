@@ -168,6 +168,8 @@ class Repository(Generic[RowT]):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
         self._cache: TableCache | None = layer.cache_of(table.name)
+        self._read_primary = layer.primary_scope  # (the ContextVar itself: one .get() per read)
+        self._fanout = layer.fanout
         self._primary_targets = self._router.route_all(table, Role.PRIMARY)
         self._replica_targets = self._router.route_all(table, Role.REPLICA)
         self._stmts: tuple[Statements, ...] = tuple(
@@ -184,7 +186,7 @@ class Repository(Generic[RowT]):
 
     # -- plumbing ----------------------------------------------------------------
     def _role(self, primary: bool) -> Role:
-        if primary or self._tx is not None or self._layer._read_primary.get():
+        if primary or self._tx is not None or self._read_primary.get():
             return Role.PRIMARY
         return Role.REPLICA
 
@@ -221,17 +223,22 @@ class Repository(Generic[RowT]):
     async def get(self, key: Any, *, primary: bool = False) -> RowT | None:
         """The row with primary key ``key``, or ``None``."""
         cache = self._cache
-        if cache is not None and self._tx is None and not primary and not self._layer._read_primary.get():
+        if cache is not None and self._tx is None and not primary and not self._read_primary.get():
             # L1 holds only keys that passed validation, so a key of the column's
             # exact type may probe it before being validated (the L1-hit fast path).
-            if type(key) is int and self._table._pk_kind is int:
-                hit = cache.cached(str(key).encode())
-                if hit is not MISS:
-                    return None if hit is None else cast(RowT, hit if self._row_type is None else self._row_type(**hit))
-            enc, kv = self._table.cache_key(key)
-            hit = cache.cached(enc)
+            # Either way L1 is probed once and the key encoded once (its bytes also give
+            # the slot of the load).
+            t = self._table
+            if type(key) is int and t._pk_kind is int:
+                enc = b"%d" % key  # (encode_key's bytes of an int)
+                hit = cache.cached(enc)
+                if hit is MISS:
+                    enc, kv, slot = t.locate_cached(key, enc)
+            else:
+                enc, kv, slot = t.locate_cached(key)
+                hit = cache.cached(enc)
             if hit is MISS:
-                hit = await cache.get(enc, lambda fresh: self._load_row(kv, fresh))
+                hit = await cache.get(enc, lambda fresh: self._load_row(kv, fresh, slot))
             if hit is None:
                 return None
             return cast(RowT, hit if self._row_type is None else self._row_type(**hit))
@@ -241,7 +248,7 @@ class Repository(Generic[RowT]):
         params = kv if st.key_direct else c.params(st.key_params(kv))
         if self._tx is None:
             # The hot path: no transaction, so straight to the node.
-            if primary or self._layer._read_primary.get():
+            if primary or self._read_primary.get():
                 node = self._cluster.node(self._primary_targets[slot])
             else:
                 node = self._cluster.node(self._replica_targets[slot])
@@ -255,14 +262,12 @@ class Repository(Generic[RowT]):
 
     def _cache_for(self, primary: bool) -> TableCache | None:
         """The cache, unless this read must bypass it (transaction, forced primary)."""
-        if self._cache is None or self._tx is not None or primary or self._layer._read_primary.get():
+        if self._cache is None or self._tx is not None or primary or self._read_primary.get():
             return None
         return self._cache
 
-    async def _load_row(self, kv: tuple[Any, ...], primary: bool) -> dict[str, Any] | None:
-        """One row from the database, for a cache fill."""
-        t = self._table
-        slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
+    async def _load_row(self, kv: tuple[Any, ...], primary: bool, slot: int) -> dict[str, Any] | None:
+        """One row from the database (key values ``kv``, in ``slot``), for a cache fill."""
         st = self._stmts[slot]
         c = st.get[slot]
         target = (self._primary_targets if primary else self._replica_targets)[slot]
@@ -333,7 +338,7 @@ class Repository(Generic[RowT]):
             for i in range(0, len(group), _CHUNK):
                 jobs.append(self._get_chunk_job(target, group[i : i + _CHUNK]))
         rows: list[dict[str, Any]] = []
-        for part in await gather_bounded(jobs, self._layer._fanout):
+        for part in await gather_bounded(jobs, self._fanout):
             rows.extend(part)
         return rows
 
@@ -604,7 +609,7 @@ class Repository(Generic[RowT]):
 
             return run
 
-        parts = await gather_bounded([job(t) for t in targets], self._layer._fanout)
+        parts = await gather_bounded([job(t) for t in targets], self._fanout)
         merged = heapq.merge(*parts, key=_sort_key(query.order))
         end = None if limit is None else offset + limit
         out = []
@@ -633,7 +638,7 @@ class Repository(Generic[RowT]):
 
             return run
 
-        return sum(await gather_bounded([job(t) for t in targets], self._layer._fanout))
+        return sum(await gather_bounded([job(t) for t in targets], self._fanout))
 
     # -- transactions --------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -616,6 +616,25 @@ class LogicalTable:
         values = self.key_values(key)
         return encode_cache_key(values), values
 
+    def locate_cached(self, key: object, encoded: bytes | None = None) -> tuple[bytes, tuple[Any, ...], int]:
+        """Validate a primary key; return its cache key bytes, its column values and its slot,
+        each computed once (a single-column shard key's cache bytes are the bytes its CRC32
+        is taken of). ``encoded``: the cache bytes when the caller has them already (an int
+        key, encoded to probe L1 before validation)."""
+        if encoded is not None and self._single_pk:
+            problem = self._pk_checker(key)
+            if problem is not None:
+                raise ValidationError(f"{self.name}.{self.primary_key[0]}: {problem}")
+            enc, kv = encoded, (key,)
+        else:
+            enc, kv = self.cache_key(key)
+        sharder = self.sharder
+        if sharder is None:
+            return enc, kv, 0
+        if self._single_pk:
+            return enc, kv, sharder.slot_of_encoded(enc)
+        return enc, kv, sharder.slot(kv[self._shard_key_index])
+
     def key_values(self, key: object) -> tuple[Any, ...]:
         """Validate a primary key (scalar or tuple) and return its column values."""
         pk = self.primary_key

@@ -13,12 +13,20 @@ Wire it into a CLI with::
     ...
     return dal.bench.main_from_args(args)
 
-See :mod:`dal.bench.scenarios` (what is measured) and :mod:`dal.bench.measure`
-(how).
+The parts, each importing only those after it:
+
+* :mod:`dal.bench.runner`: the command line and the run;
+* :mod:`dal.bench.settings`: URLs, timing and data from arguments, ``--config``, environment;
+* :mod:`dal.bench.scenarios`: what is measured, against which baselines;
+* :mod:`dal.bench.report`: JSON entries, the tables, the JSON file;
+* :mod:`dal.bench.harness`: how it is measured (warm-up, alternating rounds, statistics).
+
+Errors that keep the bench from running are :class:`dal.errors.BenchError`.
 """
 
-from dal.bench.measure import Timing
-from dal.bench.runner import BenchError, add_arguments, main_from_args, run_bench
+from dal.bench.harness import Timing
+from dal.bench.runner import add_arguments, main_from_args, run_bench
 from dal.bench.scenarios import SCENARIOS, SuiteOptions
+from dal.errors import BenchError
 
 __all__ = ["SCENARIOS", "BenchError", "SuiteOptions", "Timing", "add_arguments", "main_from_args", "run_bench"]

@@ -4,9 +4,31 @@ Read :mod:`dal.cache.tiered` for the read and write paths; the parts are
 ``local`` (L1), ``remote`` (L2 and its Lua scripts), ``bloom`` (penetration),
 ``flight`` (stampedes), ``invalidation`` (pub/sub and retries), ``codec``
 (msgpack/JSON, never pickle).
+
+Importing this package (or :mod:`dal.cache.keys`, :mod:`dal.cache.local`, which
+every repository needs) loads no serializer, Bloom filter or Redis client: those
+load with :mod:`dal.cache.tiered`, when a layer with a cached table is built.
+The names below resolve on first use.
 """
 
-from dal.cache.keys import encode_cache_key
-from dal.cache.tiered import CacheRuntime, TableCache
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dal.cache.keys import encode_cache_key
+    from dal.cache.tiered import CacheRuntime, TableCache
 
 __all__ = ["CacheRuntime", "TableCache", "encode_cache_key"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "encode_cache_key":
+        from dal.cache.keys import encode_cache_key
+
+        return encode_cache_key
+    if name in ("CacheRuntime", "TableCache"):
+        from dal.cache import tiered
+
+        return getattr(tiered, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,12 +31,13 @@ import hmac
 import logging
 import math
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
+
+from dal.clock import Backoff, Clock, as_clock
 
 log = logging.getLogger("dal.cache")
 
@@ -48,14 +49,42 @@ MAX_ORIGINS = 1024
 _TAG = 32  # bytes of an HMAC-SHA256 signature, which precedes the signed message
 
 
-class RetryQueue:
-    """Background retries of cache operations that must not be lost."""
+RETRY_INITIAL, RETRY_MAXIMUM = 0.05, 2.0
+"""The default waits (seconds) of :class:`RetryQueue` between attempts of a failing
+operation: doubling from the first to the second (no jitter)."""
 
-    def __init__(self, *, initial: float = 0.05, maximum: float = 2.0) -> None:
+RECONNECT_INITIAL, RECONNECT_MAXIMUM = 0.05, 1.0
+"""The default waits (seconds) of the subscriber between failed subscriptions: doubling
+from the first to the second (no jitter)."""
+
+
+class RetryQueue:
+    """Background retries of cache operations that must not be lost.
+
+    Operations run one at a time, in the order queued; a failing one is retried
+    after each wait of ``backoff`` (taken over at its start: the queue keeps its
+    own sequence) on ``clock``, and the sequence starts over after a success.
+    ``initial``/``maximum`` are the short form of ``Backoff(initial, maximum)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: float | None = None,
+        maximum: float | None = None,
+        backoff: Backoff | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if backoff is not None and (initial is not None or maximum is not None):
+            raise TypeError("give either backoff= or initial=/maximum=")
+        if backoff is None:
+            backoff = Backoff(
+                RETRY_INITIAL if initial is None else initial, RETRY_MAXIMUM if maximum is None else maximum
+            )
         self._queue: asyncio.Queue[Callable[[], Awaitable[bool]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._initial = initial
-        self._maximum = maximum
+        self._backoff = backoff.fresh()
+        self._clock = as_clock(clock)
         self._running = 0  # taken off the queue, not yet done
         self.retried = 0
         self.failures = 0
@@ -75,7 +104,7 @@ class RetryQueue:
         return self._queue.qsize() + self._running
 
     async def _run(self) -> None:
-        delay = self._initial
+        backoff = self._backoff
         while True:
             op = await self._queue.get()
             self._running = 1
@@ -87,12 +116,11 @@ class RetryQueue:
                     log.exception("cache retry failed")
                     done = False
                 if done:
-                    delay = self._initial
+                    backoff.reset()
                     self._running = 0
                     self._queue.task_done()
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._maximum)
+                await self._clock.sleep(backoff.next())
 
     async def drain(self, timeout: float) -> None:
         """Give queued operations up to ``timeout`` seconds to complete (at shutdown)."""
@@ -134,6 +162,11 @@ class InvalidationBus:
       skipped: one resync runs when the interval is over (:meth:`poll`) and covers
       every gap seen meanwhile; until then :attr:`resync_pending` is true, and
       Bloom filters are not trusted.
+    - Time comes from ``clock``: a :class:`~dal.clock.Clock`, or a monotonic time
+      source (with ``wall`` the wall-clock one) from which one is built. The
+      subscriber waits ``reconnect`` (a :class:`~dal.clock.Backoff`, default
+      :data:`RECONNECT_INITIAL` doubling to :data:`RECONNECT_MAXIMUM`) between failed subscriptions, starting over once
+      subscribed.
     - With ``signing_key``, every message published is signed (HMAC-SHA256 over
       the channel name and the message) and a received one without a valid
       signature is dropped and counted in :attr:`bad_signature`. A replayed
@@ -149,18 +182,21 @@ class InvalidationBus:
         on_gap: Callable[[], None],
         timeout: float = 0.25,
         cluster: bool = False,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
         resync_interval: float = 1.0,
         max_keys: int = 1000,
         signing_key: bytes | None = None,
+        reconnect: Backoff | None = None,
     ) -> None:
         self.client = client
         self.channel = channel
         self.cluster = cluster
         self.timeout = timeout
-        self.clock = clock
-        self.wall = wall
+        self.clock = as_clock(clock, wall)
+        self._reconnect = (
+            Backoff(RECONNECT_INITIAL, RECONNECT_MAXIMUM) if reconnect is None else reconnect.fresh()
+        )
         self.resync_interval = resync_interval
         self.max_keys = max_keys
         self._mac = None if signing_key is None else hmac.new(signing_key, channel.encode() + b"\n", hashlib.sha256)
@@ -201,7 +237,7 @@ class InvalidationBus:
         for i in range(0, len(keys), self.max_keys):
             self._seq += 1
             body = msgpack.packb(
-                [self.origin, self._seq, table, keys[i : i + self.max_keys], inserted, self.wall()], use_bin_type=True
+                [self.origin, self._seq, table, keys[i : i + self.max_keys], inserted, self.clock.wall()], use_bin_type=True
             )
             out.append(self._sign(body))
         return out
@@ -240,7 +276,7 @@ class InvalidationBus:
     async def _listen(self) -> None:
         first = True
         failing = False
-        delay = 0.05
+        backoff = self._reconnect
         while True:
             pubsub = self.client.pubsub()
             try:
@@ -255,7 +291,7 @@ class InvalidationBus:
                 first = False
                 failing = False
                 self._subscribed.set()
-                delay = 0.05
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll_timeout())
                     if msg is not None and msg.get("type") == "message":
@@ -276,8 +312,7 @@ class InvalidationBus:
                     log.warning("cannot subscribe to invalidations: %r", exc)
                 failing = True
                 self._subscribed.clear()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await self.clock.sleep(backoff.next())
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -290,7 +325,7 @@ class InvalidationBus:
 
     def _gap(self) -> None:
         self.gaps += 1
-        now = self.clock()
+        now = self.clock.monotonic()
         if self._last_resync is None or now - self._last_resync >= self.resync_interval:
             self._resync(now)
         else:
@@ -300,7 +335,7 @@ class InvalidationBus:
         """Run the pending resync if its interval is over (the subscriber calls this
         after every message and wait)."""
         if self._resync_pending:
-            now = self.clock()
+            now = self.clock.monotonic()
             if self._last_resync is None or now - self._last_resync >= self.resync_interval:
                 self._resync(now)
 
@@ -314,7 +349,7 @@ class InvalidationBus:
         """How long the subscriber may wait for a message: until a pending resync is due."""
         if not self._resync_pending or self._last_resync is None:
             return 1.0
-        return min(1.0, max(0.0, self._last_resync + self.resync_interval - self.clock()))
+        return min(1.0, max(0.0, self._last_resync + self.resync_interval - self.clock.monotonic()))
 
     # -- received messages -------------------------------------------------------------------
     def _drop(self, counter: str, what: str) -> None:
@@ -356,7 +391,7 @@ class InvalidationBus:
         if origin == self.origin:
             return
         self.received += 1
-        self.last_delay_ms = (self.wall() - sent) * 1000
+        self.last_delay_ms = (self.clock.wall() - sent) * 1000
         last = self._last_seq.get(origin)
         if last is None:
             self._last_seq[origin] = seq

@@ -42,7 +42,6 @@ import asyncio
 import logging
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -53,6 +52,7 @@ from dal.cache.invalidation import InvalidationBus, RetryQueue
 from dal.cache.keys import encode_cache_key
 from dal.cache.local import MISS, LocalCache
 from dal.cache.remote import UNAVAILABLE, RemoteCache, key_token, parse_version
+from dal.clock import Backoff, Clock, as_clock
 from dal.config import CachePolicy
 
 log = logging.getLogger("dal.cache")
@@ -72,6 +72,10 @@ check, whose primary-key values encode to that key. It must not raise, whatever 
 
 _CORRUPT: Any = object()
 """An L2 entry that does not decode or does not pass the row check."""
+
+_FILL_POLL_INITIAL, _FILL_POLL_MAXIMUM = 0.002, 0.02
+"""How often a lease waiter looks for the holder's fill: doubling from the first
+(seconds) to the second, until ``lease_wait`` has passed."""
 
 
 def _is_dict(enc: bytes, value: Any) -> bool:
@@ -105,7 +109,8 @@ class TableCache:
         self.codec: Codec = make_codec(policy.serializer, enums)
         self._check_row = check_row
         self._corrupt_logged = False
-        self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock, deep_copy=deep_copy)
+        # The time source itself, not a wrapper: L1 reads it on every lookup.
+        self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock.monotonic, deep_copy=deep_copy)
         self._copy = self.l1._copy
         self.flight: SingleFlight[Row | None] = SingleFlight()
         self.prefix = f"{policy.namespace}:{policy.schema_version}:{table}:"
@@ -290,11 +295,14 @@ class TableCache:
         return row
 
     async def _await_fill(self, remote: RemoteCache, enc: bytes, base: str) -> Any:
-        """Wait (bounded) for the lease holder's fill; :data:`MISS` when it does not come."""
-        deadline = time.monotonic() + self.policy.lease_wait
-        delay = 0.002
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
+        """Wait for the lease holder's fill, looking at L2 after each wait of a backoff,
+        until ``lease_wait`` of the runtime's clock has passed; :data:`MISS` when it does
+        not come (or L2 cannot be read)."""
+        clock = self.runtime.clock
+        deadline = clock.monotonic() + self.policy.lease_wait
+        backoff = Backoff(_FILL_POLL_INITIAL, _FILL_POLL_MAXIMUM)
+        while clock.monotonic() < deadline:
+            await clock.sleep(backoff.next())
             raw = await remote.get_row(base)
             if raw is UNAVAILABLE:
                 return MISS
@@ -303,7 +311,6 @@ class TableCache:
                 if row is not _CORRUPT:
                     return row
                 await self._discard(remote, [(base, raw)])  # the holder's fill may still come
-            delay = min(delay * 2, 0.02)
         return MISS
 
     async def get_many(
@@ -582,23 +589,28 @@ class CacheRuntime:
         breaker_failures: int = 3,
         breaker_reset: float = 1.0,
         channel: str = "dal:invalidate",
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         resync_interval: float = 1.0,
         max_keys_per_message: int = 1000,
         signing_key: str | None = None,
     ) -> None:
-        """``resync_interval``, ``max_keys_per_message``, ``signing_key``: see
+        """``clock``: every time read and sleep of the cache (L1 expiry, the breaker,
+        lease waits, retries, resyncs, version and message times) goes through it; a
+        :class:`~dal.clock.Clock`, or a monotonic time source that, with the wall-clock
+        source ``wall``, makes a :class:`~dal.clock.SystemClock` (the default: the
+        system's). ``rng``: TTL jitter.
+
+        ``resync_interval``, ``max_keys_per_message``, ``signing_key``: see
         :class:`~dal.cache.invalidation.InvalidationBus` (``resync_interval``,
         ``max_keys``, ``signing_key``)."""
         from dal.breaker import Breaker
 
-        self.clock = clock
-        self.wall = wall
+        self.clock: Clock = as_clock(clock, wall)
         self.rng = rng or random.Random()
         self.tables: dict[str, TableCache] = {}
-        self.retry = RetryQueue()
+        self.retry = RetryQueue(clock=self.clock)
         self._background: set[asyncio.Task[Any]] = set()
         self.remote: RemoteCache | None = None
         self.bus: InvalidationBus | None = None
@@ -614,11 +626,14 @@ class CacheRuntime:
                 from redis.asyncio import Redis
 
                 self._client = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-            breaker = Breaker("redis", failures=breaker_failures, reset=breaker_reset, clock=clock, on_close=self.redis_returned)
+            breaker = Breaker(
+                "redis", failures=breaker_failures, reset=breaker_reset, clock=self.clock.monotonic,
+                on_close=self.redis_returned,
+            )  # fmt: skip
             self.remote = RemoteCache(self._client, breaker, cluster=cluster)
             self.bus = InvalidationBus(
                 self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout,
-                cluster=cluster, clock=clock, wall=wall, resync_interval=resync_interval,
+                cluster=cluster, clock=self.clock, resync_interval=resync_interval,
                 max_keys=max_keys_per_message, signing_key=None if signing_key is None else signing_key.encode(),
             )  # fmt: skip
 
@@ -634,7 +649,7 @@ class CacheRuntime:
         return Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=None)
 
     def wall_ms(self) -> int:
-        return int(self.wall() * 1000)
+        return int(self.clock.wall() * 1000)
 
     @property
     def bus_live(self) -> bool:

@@ -632,8 +632,8 @@ class PausedLoad:
         real = Repository._load_row
         pauser = self
 
-        async def load_row(self: Repository[Any], kv: tuple[Any, ...], primary: bool) -> Any:
-            row = await real(self, kv, primary)
+        async def load_row(self: Repository[Any], kv: tuple[Any, ...], primary: bool, slot: int) -> Any:
+            row = await real(self, kv, primary, slot)
             if self._layer is layer and pauser.armed:
                 pauser.armed = False
                 pauser.read_done.set()

@@ -357,3 +357,21 @@ def test_explicit_slot_map_errors(mapping: dict[str, list[Any]], problem: str) -
         explicit_slot_map("users", 4, mapping, ["d0", "d1"])
     assert ei.value.field.startswith("tables.users.slot_map"), ei.value.field
     assert problem in str(ei.value)
+
+
+# -- the batch helpers agree with Sharder.slot ----------------------------------------
+
+
+@pytest.mark.parametrize("n", SLOT_COUNTS)
+def test_vectorised_and_int_slots_agree_with_the_sharder(n: int) -> None:
+    """slots_of (batches), int_slot (the writer's per-row path) and slot_of_encoded (a cached
+    get's key bytes) place every vector key exactly where Sharder.slot does."""
+    from dal.routing.sharding import Sharder, encode_key, int_slot, slots_of
+
+    sharder = Sharder("t", n, ["db0"] * n)
+    keys = [key_of(v) for v in VECTORS]
+    want = [sharder.slot(k) for k in keys]
+    assert slots_of([encode_key(k) for k in keys], n) == want
+    assert [sharder.slot_of_encoded(encode_key(k)) for k in keys] == want
+    ints = [(k, s) for k, s in zip(keys, want, strict=True) if type(k) is int]
+    assert ints and all(int_slot(k, n) == s for k, s in ints)

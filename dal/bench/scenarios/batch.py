@@ -1,4 +1,4 @@
-"""The batch-write scenarios: bulk loads and write-behind, on shard databases of their own.
+"""The batch scenarios: bulk loads and write-behind, on shard databases of their own.
 
 Every scenario writes the logical table ``bench_items`` (``id`` BIGINT primary
 key and shard key, ``name`` VARCHAR(50), ``amount`` NUMERIC(12,2), ``flag``
@@ -34,28 +34,39 @@ Operations are rows: ratios are dal's time per row / the baseline's.
   chunk of 1,000 rows (which PyMySQL rewrites into one multi-row INSERT).
 """
 
+
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from dal.bench.measure import Bulk, BulkContender, Comparison, Contender
-from dal.bench.scenarios import SCENARIOS, Scenario, SuiteOptions
+from dal.bench.harness import Bulk, BulkContender, Comparison, Contender
+from dal.bench.scenarios.catalog import SCENARIOS, Scenario, SuiteOptions
+from dal.bench.scenarios.drivers import aiomysql_args, asyncpg_args, driver, reach
+from dal.bench.scenarios.tables import (
+    BULK_DATABASES,
+    BULK_SHARDS,
+    ITEM_COLUMNS,
+    ITEMS_COPY_DDL,
+    ITEMS_TABLE,
+    as_tuples,
+    expect_rows,
+    item_rows,
+    items_metadata,
+    topology,
+)
+from dal.errors import BenchError
 from dal.layer import DataLayer
 
-BULK_TABLE = "bench_items"
 COPY_TABLE = "bench_items_copy"  # the baselines' plain table, in the first bulk database
-BULK_SHARDS = 8
-BULK_DATABASES = 2
-BULK_COLUMNS = ("id", "name", "amount", "flag")
 MYSQL_CHUNK = 1000  # rows per executemany of the aiomysql baseline
 SMALL_BATCH = 1000  # batch_size of the :b1000 scenario
 WRITER_FIRST_ID = 1_000_000_000  # ids of the write-behind scenario: clear of the bulk loads'
@@ -63,49 +74,48 @@ WRITER_FIRST_ID = 1_000_000_000  # ids of the write-behind scenario: clear of th
 Load = Callable[[], Awaitable[Sequence[int]]]
 
 
-def bulk_metadata() -> sa.MetaData:
-    md = sa.MetaData()
-    sa.Table(
-        BULK_TABLE,
-        md,
-        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
-        sa.Column("name", sa.String(50), nullable=False),
-        sa.Column("amount", sa.Numeric(12, 2), nullable=False),
-        sa.Column("flag", sa.Boolean, nullable=False),
-    )
-    return md
+async def _own_databases(
+    stack: contextlib.AsyncExitStack,
+    opts: SuiteOptions,
+    info: dict[str, Any],
+    execute: Callable[[str], Awaitable[object]],
+    quote: str,
+    drop_options: str = "",
+) -> list[str]:
+    """Create the batch scenarios' databases, dropping leftovers first; ``stack`` drops them again.
+
+    ``execute`` runs one statement on an admin connection; ``quote`` quotes an
+    identifier there; ``drop_options`` ends every DROP DATABASE.
+    """
+    dbs = [f"{opts.bulk_databases}_{i}" for i in range(BULK_DATABASES)]
+
+    async def drop_databases() -> None:
+        for d in dbs:
+            await execute(f"DROP DATABASE IF EXISTS {quote}{d}{quote}{drop_options}")
+
+    stack.push_async_callback(drop_databases)  # after the layer and connections close (LIFO)
+    await drop_databases()  # leftovers of an interrupted run
+    for d in dbs:
+        await execute(f"CREATE DATABASE {quote}{d}{quote}")
+    info["bulk_databases"] = dbs
+    return dbs
 
 
-def bulk_rows(n: int, *, version: int = 0, step: int = 1) -> list[dict[str, Any]]:
-    """Rows with ids ``step, 2*step, ...`` up to ``n``; ``version`` changes every non-key value."""
-    return [
-        {
-            "id": i,
-            "name": f"item{i:08d}" if version == 0 else f"item{i:08d}-v{version}",
-            "amount": Decimal((i * 7 + version) % 10_000_000) / 100,
-            "flag": (i + version) % 2 == 0,
-        }
-        for i in range(step, n + 1, step)
-    ]
-
-
-def as_tuples(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-    return [tuple(r[c] for c in BULK_COLUMNS) for r in rows]
-
-
-def _bulk_topology(urls: Sequence[URL], pool_size: int) -> dict[str, Any]:
-    return {
-        "databases": {
-            f"bench{i}": {"primary": u.render_as_string(hide_password=False)} for i, u in enumerate(urls)
-        },
-        "tables": {BULK_TABLE: {"shard_key": "id", "table_shards": BULK_SHARDS}},
-        "pool": {"min_size": 1, "max_size": pool_size},
-    }
+async def _items_layer(
+    stack: contextlib.AsyncExitStack, url: URL, dbs: Sequence[str], pool_size: int
+) -> tuple[DataLayer, Any]:
+    """A started layer with the items table over ``dbs`` (``bench0``, ``bench1``): (layer, repository)."""
+    databases = {f"bench{i}": url.set(database=d) for i, d in enumerate(dbs)}
+    layer = DataLayer(topology(databases, ITEMS_TABLE, BULK_SHARDS, pool_size), items_metadata(), env={})
+    stack.push_async_callback(layer.aclose)
+    await layer.start()
+    await layer.create_all()
+    return layer, layer.repository(ITEMS_TABLE)
 
 
 def _per_table_batch(layer: DataLayer, rows: Sequence[Mapping[str, Any]]) -> int:
     """The largest physical table's share of ``rows``: the batch_size of one batch per table."""
-    table = layer.tables[BULK_TABLE]
+    table = layer.tables[ITEMS_TABLE]
     counts = collections.Counter(table.place(r["id"]).slot for r in rows)
     return max(counts.values())
 
@@ -113,7 +123,7 @@ def _per_table_batch(layer: DataLayer, rows: Sequence[Mapping[str, Any]]) -> int
 def _tables_by_database(layer: DataLayer) -> list[list[str]]:
     """The physical tables of each bulk database (``bench0``, ``bench1``), in slot order."""
     out: dict[str, list[str]] = {f"bench{i}": [] for i in range(BULK_DATABASES)}
-    for p in layer.tables[BULK_TABLE].placements:
+    for p in layer.tables[ITEMS_TABLE].placements:
         out[p.database].append(p.table)
     return list(out.values())
 
@@ -138,7 +148,7 @@ def _dal_load(
         lat = time.perf_counter_ns() - t0
         info["batches_per_call"] = result.batches
         if result.rows != len(rows) or result.committed != len(rows):
-            raise RuntimeError(f"insert/upsert_many wrote {result.committed} of {len(rows)} rows")
+            raise BenchError(f"insert/upsert_many wrote {result.committed} of {len(rows)} rows")
         return [lat]
 
     return load
@@ -155,53 +165,21 @@ def _bulk_info(opts: SuiteOptions, batch_size: int) -> dict[str, Any]:
     }
 
 
-def _expect(name: str, got: int, want: int) -> None:
-    if got != want:
-        raise RuntimeError(f"{name}: expected {want:,} rows after the load, found {got:,}")
-
-
 # -- PostgreSQL -------------------------------------------------------------------------
 async def pg_bulk_scenarios(
-    stack: contextlib.AsyncExitStack,
-    url: URL,
-    opts: SuiteOptions,
-    servers: dict[str, Any],
-    wanted: Sequence[str],
+    stack: contextlib.AsyncExitStack, url: URL, opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
 ) -> dict[str, Scenario]:
     """The PostgreSQL batch scenarios in ``wanted``; their databases are dropped when ``stack`` closes."""
-    import asyncpg
-
+    asyncpg = driver("asyncpg")
     info = servers.setdefault("postgresql", {})
-    kw: dict[str, Any] = {
-        "host": url.host or "127.0.0.1",
-        "port": url.port or 5432,
-        "user": url.username,
-        "password": url.password,
-    }
-    admin = await asyncpg.connect(**kw, database=url.database)
+    kw = asyncpg_args(url)
+    admin = await reach("PostgreSQL", url, asyncpg.connect(**kw, database=url.database), wanted)
     stack.push_async_callback(admin.close)
     info.setdefault("version", str(await admin.fetchval("SHOW server_version")))
-    dbs = [f"{opts.bulk_databases}_{i}" for i in range(BULK_DATABASES)]
+    # FORCE (PostgreSQL 13+): drop past connections a cancelled run may have left behind.
     force = " WITH (FORCE)" if admin.get_server_version().major >= 13 else ""
-
-    async def drop_databases() -> None:
-        for d in dbs:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{d}"{force}')
-
-    stack.push_async_callback(drop_databases)  # after the layer and connections close (LIFO)
-    await drop_databases()  # leftovers of an interrupted run
-    for d in dbs:
-        await admin.execute(f'CREATE DATABASE "{d}"')
-    info["bulk_databases"] = dbs
-
-    base_url = url.set(drivername="postgresql+asyncpg")
-    layer = DataLayer(
-        _bulk_topology([base_url.set(database=d) for d in dbs], opts.pool_size), bulk_metadata(), env={}
-    )
-    stack.push_async_callback(layer.aclose)
-    await layer.start()
-    await layer.create_all()
-    repo = layer.repository(BULK_TABLE)
+    dbs = await _own_databases(stack, opts, info, admin.execute, '"', force)
+    layer, repo = await _items_layer(stack, url.set(drivername="postgresql+asyncpg"), dbs, opts.pool_size)
 
     conns = []
     for d in dbs:
@@ -209,10 +187,7 @@ async def pg_bulk_scenarios(
         stack.push_async_callback(c.close)
         conns.append(c)
     base = conns[0]  # the baselines' connection and table
-    await base.execute(
-        f"CREATE TABLE {COPY_TABLE} (id BIGINT PRIMARY KEY, name VARCHAR(50) NOT NULL, "
-        "amount NUMERIC(12, 2) NOT NULL, flag BOOLEAN NOT NULL)"
-    )
+    await base.execute(f"CREATE TABLE {COPY_TABLE} {ITEMS_COPY_DDL}")
     tables = _tables_by_database(layer)
 
     async def empty_dal() -> None:
@@ -233,17 +208,17 @@ async def pg_bulk_scenarios(
         return int(await base.fetchval(f"SELECT count(*) FROM {COPY_TABLE}"))
 
     n = opts.bulk_rows
-    rows = bulk_rows(n)
+    rows = item_rows(n)
     records = as_tuples(rows)
     sample = records[: opts.bulk_sample]
     per_table = _per_table_batch(layer, rows)
     info["bulk_rows"] = n
-    columns = list(BULK_COLUMNS)
+    columns = list(ITEM_COLUMNS)
 
     async def copy() -> None:
         await base.copy_records_to_table(COPY_TABLE, records=records, columns=columns)
 
-    insert_sql = f"INSERT INTO {COPY_TABLE} ({', '.join(BULK_COLUMNS)}) VALUES ($1, $2, $3, $4)"
+    insert_sql = f"INSERT INTO {COPY_TABLE} ({', '.join(ITEM_COLUMNS)}) VALUES ($1, $2, $3, $4)"
 
     async def row_by_row() -> list[int]:
         perf = time.perf_counter_ns
@@ -268,11 +243,11 @@ async def pg_bulk_scenarios(
 
     async def check_insert(name: str) -> None:
         if name == rows_cont.name:
-            _expect(name, await count_copy(), len(sample))
+            expect_rows(name, await count_copy(), len(sample))
         elif name == copy_cont.name:
-            _expect(name, await count_copy(), n)
+            expect_rows(name, await count_copy(), n)
         else:
-            _expect(name, await count_dal(), n)
+            expect_rows(name, await count_dal(), n)
 
     out: dict[str, Scenario] = {}
     for name in wanted:
@@ -310,8 +285,8 @@ def _pg_upsert(
     check_copy: Callable[[str], Awaitable[None]],
 ) -> Bulk:
     n = opts.bulk_rows
-    existing = bulk_rows(n, step=2)  # the even ids, old values
-    rows = bulk_rows(n, version=1)  # every id, new values
+    existing = item_rows(n, step=2)  # the even ids, old values
+    rows = item_rows(n, version=1)  # every id, new values
     probe = existing[0]["id"]
 
     async def preload() -> None:
@@ -322,10 +297,10 @@ def _pg_upsert(
         if name != "pg.upsert_many":
             await check_copy(name)
             return
-        _expect(name, await count_dal(), n)
+        expect_rows(name, await count_dal(), n)
         got = await repo.get(probe)
         if got is None or got["name"] != rows[probe - 1]["name"]:
-            raise RuntimeError(f"pg.upsert_many: row {probe} not overwritten: {got!r}")
+            raise BenchError(f"pg.upsert_many: row {probe} not overwritten: {got!r}")
 
     dal_info = {**_bulk_info(opts, size), "existing_rows": len(existing)}
     return Bulk(
@@ -377,32 +352,18 @@ def _writer(stack: contextlib.AsyncExitStack, repo: Any, concurrency: int, targe
 
 # -- MySQL / MariaDB --------------------------------------------------------------------
 async def mysql_bulk_scenarios(
-    stack: contextlib.AsyncExitStack,
-    url: URL,
-    opts: SuiteOptions,
-    servers: dict[str, Any],
-    wanted: Sequence[str],
+    stack: contextlib.AsyncExitStack, url: URL, opts: SuiteOptions, servers: dict[str, Any], wanted: Sequence[str]
 ) -> dict[str, Scenario]:
     """``mysql.insert_many`` (when wanted); its databases are dropped when ``stack`` closes."""
-    import aiomysql
-
+    aiomysql = driver("aiomysql")
     info = servers.setdefault("mysql", {})
-    kw: dict[str, Any] = {
-        "host": url.host or "127.0.0.1",
-        "port": url.port or 3306,
-        "user": url.username or "root",
-        "password": url.password or "",
-        "charset": str(url.query.get("charset", "utf8mb4")),
-        "autocommit": True,
-    }
 
     async def connect(db: str | None) -> Any:
-        conn = await aiomysql.connect(**kw, db=db)
+        conn = await aiomysql.connect(**aiomysql_args(url), db=db)
         stack.push_async_callback(conn.ensure_closed)
         return conn
 
-    admin = await connect(None)
-    dbs = [f"{opts.bulk_databases}_{i}" for i in range(BULK_DATABASES)]
+    admin = await reach("MySQL/MariaDB", url, connect(None), wanted, (OSError, aiomysql.OperationalError))
 
     async def sql(conn: Any, text: str) -> list[Any]:
         async with conn.cursor() as cur:
@@ -410,31 +371,10 @@ async def mysql_bulk_scenarios(
             return list(await cur.fetchall())
 
     info.setdefault("version", str((await sql(admin, "SELECT VERSION()"))[0][0]))
-
-    async def drop_databases() -> None:
-        for d in dbs:
-            await sql(admin, f"DROP DATABASE IF EXISTS `{d}`")
-
-    stack.push_async_callback(drop_databases)
-    await drop_databases()
-    for d in dbs:
-        await sql(admin, f"CREATE DATABASE `{d}`")
-    info["bulk_databases"] = dbs
-
-    base_url = url.set(drivername="mysql+aiomysql")
-    layer = DataLayer(
-        _bulk_topology([base_url.set(database=d) for d in dbs], opts.pool_size), bulk_metadata(), env={}
-    )
-    stack.push_async_callback(layer.aclose)
-    await layer.start()
-    await layer.create_all()
-    repo = layer.repository(BULK_TABLE)
+    dbs = await _own_databases(stack, opts, info, functools.partial(sql, admin), "`")
+    layer, repo = await _items_layer(stack, url.set(drivername="mysql+aiomysql"), dbs, opts.pool_size)
     base = await connect(dbs[0])
-    await sql(
-        base,
-        f"CREATE TABLE {COPY_TABLE} (id BIGINT PRIMARY KEY, name VARCHAR(50) NOT NULL, "
-        "amount NUMERIC(12, 2) NOT NULL, flag BOOLEAN NOT NULL)",
-    )
+    await sql(base, f"CREATE TABLE {COPY_TABLE} {ITEMS_COPY_DDL}")
     tables = [f"`{d}`.`{t}`" for d, names in zip(dbs, _tables_by_database(layer), strict=True) for t in names]
 
     async def empty_dal() -> None:
@@ -445,11 +385,11 @@ async def mysql_bulk_scenarios(
         await sql(base, f"TRUNCATE TABLE {COPY_TABLE}")
 
     n = opts.bulk_rows
-    rows = bulk_rows(n)
+    rows = item_rows(n)
     records = as_tuples(rows)
     size = _per_table_batch(layer, rows)
     info["bulk_rows"] = n
-    insert = f"INSERT INTO {COPY_TABLE} ({', '.join(BULK_COLUMNS)}) VALUES (%s, %s, %s, %s)"
+    insert = f"INSERT INTO {COPY_TABLE} ({', '.join(ITEM_COLUMNS)}) VALUES (%s, %s, %s, %s)"
 
     async def executemany() -> list[int]:
         perf = time.perf_counter_ns
@@ -463,10 +403,10 @@ async def mysql_bulk_scenarios(
 
     async def check(name: str) -> None:
         if name == "aiomysql.executemany":
-            _expect(name, int((await sql(base, f"SELECT COUNT(*) FROM {COPY_TABLE}"))[0][0]), n)
+            expect_rows(name, int((await sql(base, f"SELECT COUNT(*) FROM {COPY_TABLE}"))[0][0]), n)
         else:
             counts = [int((await sql(admin, f"SELECT COUNT(*) FROM {t}"))[0][0]) for t in tables]
-            _expect(name, sum(counts), n)
+            expect_rows(name, sum(counts), n)
 
     out: dict[str, Scenario] = {}
     if "mysql.insert_many" in wanted:

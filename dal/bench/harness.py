@@ -1,4 +1,9 @@
-"""The timing engine: warm-up, alternating rounds, per-operation latencies.
+"""The harness of ``dal bench``: paired, interleaved rounds, their timing and statistics.
+
+It owns how a scenario is measured, never what: a scenario hands it a
+:class:`Comparison`, :class:`Burst` or :class:`Bulk` (dal's contender and its
+baselines, built by :mod:`dal.bench.scenarios`) and gets :class:`Result`
+objects back; turning them into JSON and tables is :mod:`dal.bench.report`'s.
 
 What is measured
 ----------------
@@ -58,14 +63,16 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 Op = Callable[[Any], Awaitable[object]]
 """One operation on one key (the key comes from the scenario's key list)."""
 SyncOp = Callable[[Any], object]
 """A plain (not async) operation on one key: a contender with ``sync=True``."""
+
+T = TypeVar("T")
 
 LOOP_OVERHEAD = "(loop overhead)"
 """Name of the do-nothing contender of comparisons with ``loop_overhead``."""
@@ -102,32 +109,45 @@ class Contender:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Comparison:
-    """dal against its baselines, on the same keys, at one concurrency.
+C = TypeVar("C")
 
-    ``targets`` maps a baseline name to the largest acceptable ratio
-    (dal's time per operation / the baseline's); informational only.
-    ``loop_overhead`` also times the bare measuring loop (see the module
-    docs) so that ratios net of it can be reported. ``counters`` (optional)
-    returns counters of dal's side; their changes over the scenario (warm-up
-    included) go into dal's JSON entry, e.g. cache hits and misses that show
-    the scenario measured what it says it measures.
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lineup(Generic[C]):
+    """dal's contender and its baselines, measured on the same data: what every scenario has.
+
+    ``targets`` maps a baseline name (or a counter, ``db_queries`` for a
+    burst) to the largest acceptable ratio (dal's time / the baseline's) or
+    value; informational only, the bench never fails on them. ``counters``
+    (optional) returns counters of dal's side; their changes over the
+    scenario (warm-up included) go into dal's JSON entry, e.g. cache hits and
+    misses that show the scenario measured what it says it measures.
     """
 
     name: str
-    concurrency: int
-    dal: Contender
-    baselines: tuple[Contender, ...]
-    keys: Sequence[Any]
+    dal: C
+    baselines: tuple[C, ...]
     targets: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
-    loop_overhead: bool = False
     counters: Callable[[], Mapping[str, int]] | None = None
 
     @property
-    def contenders(self) -> tuple[Contender, ...]:
+    def contenders(self) -> tuple[C, ...]:
+        """dal first, then the baselines: the order of the results."""
         return (self.dal, *self.baselines)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Comparison(Lineup[Contender]):
+    """Operations on keys, dal against its baselines, on the same keys at one concurrency.
+
+    ``loop_overhead`` also times the bare measuring loop (see the module
+    docs) so that ratios net of it can be reported.
+    """
+
+    concurrency: int
+    keys: Sequence[Any]
+    loop_overhead: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +219,10 @@ def paired_net_ratio(dal: Result, baseline: Result, overhead: Result) -> tuple[f
 
 
 def _loop_sync(op: SyncOp, keys: Sequence[Any], limit: float, deadline: float, lat: list[int]) -> None:
-    # Kept statement for statement like _loop_async, minus the await.
+    # Kept statement for statement like _loop_async, minus the await, rather than shared with it:
+    # one loop for both would add a branch or a call to every timed op, and for a sub-microsecond
+    # plain op that is much of what is timed. The same statements keep the loop overhead
+    # (measured with a plain op, see net ratios) the same on both sides.
     perf = time.perf_counter_ns
     record = lat.append
     n = len(keys)
@@ -284,6 +307,16 @@ async def drive(
 Progress = Callable[[str], None]
 
 
+def alternating(contenders: tuple[T, ...], rounds: int) -> Iterator[tuple[int, tuple[T, ...]]]:
+    """(round, contenders in that round's order): A B C, C B A, A B C, ...
+
+    Alternating the order makes slow drift of the machine hit every contender alike.
+    """
+    backwards = tuple(reversed(contenders))
+    for rnd in range(rounds):
+        yield rnd, contenders if rnd % 2 == 0 else backwards
+
+
 def _overhead_contender() -> Contender:
     return Contender(LOOP_OVERHEAD, id, sync=True)
 
@@ -302,8 +335,7 @@ async def compare(comparison: Comparison, timing: Timing, progress: Progress | N
             progress(f"warming up {cont.name} ({timing.warmup_ops} ops)")
         await drive(cont.op, comparison.keys, c, max_ops=max(timing.warmup_ops, c), sync=cont.sync)
     runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
-    for rnd in range(timing.rounds):
-        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+    for rnd, order in alternating(contenders, timing.rounds):
         for cont in order:
             gc.collect()
             run = await drive(cont.op, comparison.keys, c, seconds=timing.round_seconds, sync=cont.sync)
@@ -329,25 +361,14 @@ class BurstContender:
     queries: Callable[[], int]
 
 
-@dataclass(frozen=True, slots=True)
-class Burst:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Burst(Lineup[BurstContender]):
     """``size`` concurrent reads of one cold key, dal against its baselines.
 
-    ``targets`` maps a counter name (``db_queries``: statements per burst)
-    to its largest acceptable value; ``counters`` as for :class:`Comparison`.
+    Its targets are counters: ``db_queries``, the statements of the worst burst.
     """
 
-    name: str
     size: int
-    dal: BurstContender
-    baselines: tuple[BurstContender, ...]
-    targets: Mapping[str, float] = field(default_factory=dict)
-    description: str = ""
-    counters: Callable[[], Mapping[str, int]] | None = None
-
-    @property
-    def contenders(self) -> tuple[BurstContender, ...]:
-        return (self.dal, *self.baselines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,8 +409,7 @@ async def run_bursts(burst: Burst, timing: Timing, progress: Progress | None = N
         await burst_once(cont, burst.size)
     runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
     queries: dict[str, list[int]] = {cont.name: [] for cont in contenders}
-    for rnd in range(timing.rounds):
-        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+    for rnd, order in alternating(contenders, timing.rounds):
         for cont in order:
             gc.collect()
             run, q = await burst_once(cont, burst.size)
@@ -423,26 +443,16 @@ class BulkContender:
     info: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Bulk:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bulk(Lineup[BulkContender]):
     """A bulk write, dal against its baselines, compared per row written.
 
     ``check`` (optional, untimed) runs after each contender's warm-up load
     and raises unless the load wrote what it should have.
     """
 
-    name: str
-    dal: BulkContender
-    baselines: tuple[BulkContender, ...]
-    targets: Mapping[str, float] = field(default_factory=dict)
-    description: str = ""
-    counters: Callable[[], Mapping[str, int]] | None = None
     check: Callable[[str], Awaitable[None]] | None = None
     concurrency: int = 1
-
-    @property
-    def contenders(self) -> tuple[BulkContender, ...]:
-        return (self.dal, *self.baselines)
 
 
 async def load_once(cont: BulkContender) -> Run:
@@ -467,8 +477,7 @@ async def run_bulk(bulk: Bulk, timing: Timing, progress: Progress | None = None)
         if bulk.check is not None:
             await bulk.check(cont.name)
     runs: dict[str, list[Run]] = {cont.name: [] for cont in contenders}
-    for rnd in range(timing.rounds):
-        order = contenders if rnd % 2 == 0 else tuple(reversed(contenders))
+    for rnd, order in alternating(contenders, timing.rounds):
         for cont in order:
             runs[cont.name].append(await load_once(cont))
         if progress:
