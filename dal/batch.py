@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
-from dal.backends import connector_for
 from dal.backends.base import Connection, unsettled
 from dal.backends.copytext import (
     Form,
@@ -512,9 +511,9 @@ class BatchPlanner:
 
     async def _run_atomic(self, op: Op, batches: list[_Batch], result: BatchResult) -> None:
         node = self.cluster.node(batches[0].target)
-        conn = await node.pool.acquire()
         try:
-            done = await self._transaction(op, conn, node, batches)
+            async with node.session("batch", counted=False) as conn:
+                done = await self._transaction(op, conn, node, batches)
         except BaseException as exc:
             if outcome_unknown(exc):  # COMMIT sent, outcome unknown: as if committed
                 await self._invalidate(op, [k for b in batches for k in b.keys], exc)
@@ -526,8 +525,6 @@ class BatchPlanner:
                              await self._culprits(op, batches, exc))
             )
             return
-        finally:
-            node.pool.release(conn)
         for b in batches:
             result.committed_batches += 1
             result.written[b.target.database] = result.written.get(b.target.database, 0) + b.inputs
@@ -556,20 +553,15 @@ class BatchPlanner:
         """One batch in one transaction; raises the batch's error (rolled back, or never committed).
         ``sent`` is called once its statements are done, before COMMIT."""
         node = self.cluster.node(b.target)
-        conn = await node.pool.acquire()
-        node.in_flight += 1
-        node.queries += 1
         try:
-            affected = await self._transaction(op, conn, node, [b], sent)
+            async with node.session("batch") as conn:
+                affected = await self._transaction(op, conn, node, [b], sent)
         except BaseException as exc:
             if outcome_unknown(exc):  # COMMIT sent, outcome unknown: as if committed
                 if b.text is not None:
                     b.text.finish()  # (all its keys)
                 await self._invalidate(op, b.keys, exc)
             raise
-        finally:
-            node.in_flight -= 1
-            node.pool.release(conn)
         await self._invalidate(op, b.keys)
         return affected
 
@@ -632,16 +624,12 @@ class BatchPlanner:
         st = self.repo._stmts[slot]
         c = st.get[slot]
         params = st.key_only(c, kv)
-        connect = connector_for(node.spec)
         while True:
             # A connection of its own: the pool may be full of callers waiting on the
             # same outage, and this answer is what frees them.
             try:
-                conn = await connect()
-                try:
+                async with node.detached("in-doubt") as conn:
                     found = await conn.fetch_one(c.sql, params)
-                finally:
-                    conn.terminate()
             except Exception:  # not back yet (refused, in recovery)
                 if time.monotonic() > deadline:
                     raise CommitUnknownError(

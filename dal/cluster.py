@@ -77,69 +77,58 @@ class Node:
         state = "up" if self.available else f"down: {self.down_reason}"
         return f"<Node {self.name} {self.role.value} {self.spec.dsn.masked} ({state})>"
 
-    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
-        conn = await self.pool.acquire()
-        self.in_flight += 1
-        self.queries += 1
-        if self.observer is not None:
-            self.observer(self, sql)
+    def session(self, purpose: str, *, counted: bool = True) -> Session:
+        """``async with node.session(purpose) as conn``: a pooled connection of this node for
+        one piece of work (see :class:`Session`). ``counted``: the work is one of the
+        node's ``queries`` (a statement or a batch outside a caller's transaction)."""
+        return Session(self, purpose, counted)
+
+    @contextlib.asynccontextmanager
+    async def detached(self, purpose: str) -> AsyncIterator[Connection]:
+        """A connection of its own, outside the pool, closed at once after ``purpose`` (the
+        lookup of a COMMIT in doubt: the pool may be full of callers waiting on the same
+        outage, and the answer is what frees them)."""
+        conn = await self.pool.connect_detached()
         try:
-            return await conn.fetch_one(sql, params)
-        except BaseException as exc:
-            mark_if_lost(conn, exc)
-            raise
+            yield conn
         finally:
-            self.in_flight -= 1
-            self.pool.release(conn)
+            conn.terminate()
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        async with Session(self, "read", True) as conn:
+            if self.observer is not None:
+                self.observer(self, sql)
+            return await conn.fetch_one(sql, params)
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        conn = await self.pool.acquire()
-        self.in_flight += 1
-        self.queries += 1
-        if self.observer is not None:
-            self.observer(self, sql)
-        try:
+        async with Session(self, "read", True) as conn:
+            if self.observer is not None:
+                self.observer(self, sql)
             return await conn.fetch_all(sql, params)
-        except BaseException as exc:
-            mark_if_lost(conn, exc)
-            raise
-        finally:
-            self.in_flight -= 1
-            self.pool.release(conn)
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
-        conn = await self.pool.acquire()
-        self.in_flight += 1
-        self.queries += 1
-        if self.observer is not None:
-            self.observer(self, sql)
-        try:
-            return await conn.execute(sql, params)
-        except ConnectionUnavailableError as exc:
-            # Sent outside a transaction, so it commits by itself: the write may have landed.
-            mark_if_lost(conn, exc)
-            raise in_doubt(self.name, "a write", exc) from exc
-        except BaseException as exc:
-            mark_if_lost(conn, exc)
-            raise
-        finally:
-            self.in_flight -= 1
-            self.pool.release(conn)
+        async with Session(self, "write", True) as conn:
+            if self.observer is not None:
+                self.observer(self, sql)
+            try:
+                return await conn.execute(sql, params)
+            except ConnectionUnavailableError as exc:
+                # Sent outside a transaction, so it commits by itself: the write may have landed.
+                mark_if_lost(conn, exc)
+                raise in_doubt(self.name, "a write", exc) from exc
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """A connection inside BEGIN; COMMIT on normal exit, ROLLBACK on error."""
-        conn = await self.pool.acquire()
-        self.in_flight += 1
-        try:
-            try:
-                await conn.begin()
-            except BaseException as exc:
-                mark_if_lost(conn, exc)
-                raise
+        session = Session(self, "transaction", False)
+        async with session as conn:
+            await conn.begin()
             try:
                 yield conn
             except BaseException:
+                # The caller's block failed: its error says nothing of the connection's
+                # state; the ROLLBACK does (a failed one flags the connection).
+                session.judged = True
                 if not conn.broken:
                     try:
                         # Shielded so a cancelled caller does not cut the rollback short.
@@ -153,12 +142,42 @@ class Node:
             except (ConnectionUnavailableError, QueryTimeoutError) as exc:
                 mark_if_lost(conn, exc)
                 raise in_doubt(self.name, "COMMIT", exc) from exc
-            except BaseException as exc:
-                mark_if_lost(conn, exc)
-                raise
-        finally:
-            self.in_flight -= 1
-            self.pool.release(conn)
+
+
+class Session:
+    """One piece of work's connection to one node: the one place where dal takes a pooled
+    connection and gives it back (every statement, transaction and batch goes through it).
+
+    Entering acquires a connection (:class:`~dal.errors.PoolTimeoutError` after
+    ``acquire_timeout``) and counts the work in the node's ``in_flight`` (and ``queries``
+    when ``counted``); leaving releases it, first flagging it for discard when the work
+    failed in a way that leaves its state unknown (lost, timed out, cancelled, not a dal
+    error). ``purpose`` names the work ("read", "write", "transaction", "batch").
+    """
+
+    __slots__ = ("_counted", "_node", "conn", "judged", "purpose")
+
+    def __init__(self, node: Node, purpose: str, counted: bool) -> None:
+        self._node = node
+        self.purpose = purpose
+        self._counted = counted
+        self.judged = False  # the connection's fate is decided already: leave it as it is
+
+    async def __aenter__(self) -> Connection:
+        node = self._node
+        conn = await node.pool.acquire()
+        self.conn = conn
+        node.in_flight += 1
+        if self._counted:
+            node.queries += 1
+        return conn
+
+    async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        node = self._node
+        node.in_flight -= 1
+        if exc is not None and not self.judged:
+            mark_if_lost(self.conn, exc)
+        node.pool.release(self.conn)
 
 
 def in_doubt(node: str, what: str, exc: DalError) -> CommitUnknownError:

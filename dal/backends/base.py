@@ -36,7 +36,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from dal.config import PoolSettings
-from dal.errors import ConnectionUnavailableError, DalError, PoolTimeoutError, QueryTimeoutError
+from dal.errors import (
+    CommitUnknownError,
+    ConnectionUnavailableError,
+    DalError,
+    PoolTimeoutError,
+    QueryTimeoutError,
+)
 
 log = logging.getLogger("dal.pool")
 
@@ -144,7 +150,7 @@ def unsettled(exc: BaseException) -> asyncio.Future[bool] | None:
 
 def mark_if_lost(conn: Connection, exc: BaseException) -> None:
     """Flag ``conn`` for discard when ``exc`` says its state is unknown or gone."""
-    if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | asyncio.CancelledError) or not isinstance(exc, DalError):
+    if isinstance(exc, ConnectionUnavailableError | QueryTimeoutError | CommitUnknownError | asyncio.CancelledError) or not isinstance(exc, DalError):
         conn.broken = True
 
 
@@ -239,6 +245,11 @@ class Pool:
         conn.created_at = now
         conn.last_used = now
         return conn
+
+    async def connect_detached(self) -> Connection:
+        """A new connection to the node that the pool does not own or count (the caller
+        closes it), within ``connect_timeout``."""
+        return await self._open_within_timeout()
 
     async def _open_within_timeout(self) -> Connection:
         try:
