@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from dal.config import PoolSettings
+from dal.config import NodeSpec, PoolSettings
 from dal.errors import (
     CommitUnknownError,
     ConnectionUnavailableError,
@@ -122,6 +122,22 @@ async def settle(
     if not task.done():
         exc.dal_unsettled = task  # type: ignore[attr-defined]
         log.warning("a statement interrupted on the client is not confirmed over on the server yet; ending it in the background")
+
+
+async def timed_out(
+    conn: Connection, work: Callable[[], Awaitable[bool]], spec: NodeSpec, how: str, *, landed: bool, read: bool
+) -> QueryTimeoutError:
+    """The error of a statement past ``query_timeout`` on the client side, raised once it is
+    settled (:func:`settle`, ``read`` as there): it names the node, says ``how`` the server
+    was made to stop, and whether the write may have ``landed``."""
+    err = QueryTimeoutError(
+        f"{spec.name}: statement timed out after {spec.pool.query_timeout}s and {how}"
+        + ("; the write may have landed" if landed else ""),
+        node=spec.name,
+        may_have_landed=landed,
+    )
+    await settle(conn, work, err, spec.pool.cancel_timeout, read=read)
+    return err
 
 
 async def retry_until(attempt: Callable[[], Awaitable[None]], errors: tuple[type[BaseException], ...], deadline: float) -> bool:

@@ -58,7 +58,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row, retry_until, settle
+from .base import Row, retry_until, settle, timed_out
 
 _DUPLICATE = {1062, 1586}
 _FOREIGN_KEY = {1216, 1217, 1451, 1452}
@@ -275,17 +275,12 @@ class MySQLConnection:
         self._conn.close()
 
     async def _timed_out(self, exc: BaseException, *, write: bool, commit: bool = False) -> QueryTimeoutError:
-        """Past the client-side deadline: end the session on the server, then the error.
-        A write outside a transaction (or a COMMIT) may have landed before the kill."""
-        landed = commit or (write and not self._in_tx)
-        err = QueryTimeoutError(
-            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s; its session was "
-            "ended on the server" + ("; the write may have landed" if landed else ""),
-            node=self._node,
-            may_have_landed=landed,
-        )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
-        return err
+        """Past the client-side deadline. A write outside a transaction (or a COMMIT) may
+        have landed before the kill."""
+        return await timed_out(
+            self, self._settle, self._spec, "its session was ended on the server",
+            landed=commit or (write and not self._in_tx), read=not write,
+        )  # fmt: skip
 
     async def _settle(self) -> bool:
         """End this connection's server session and wait until it is gone (class docstring)."""

@@ -61,7 +61,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row, retry_until, settle
+from .base import Row, retry_until, settle, timed_out
 
 # InternalClientError: asyncpg's state machine after the server's FATAL arrived on an
 # idle connection ("cannot switch to state ..."): the connection is gone.
@@ -314,17 +314,11 @@ class PostgresConnection:
         self._conn.terminate()
 
     async def _timed_out(self, exc: BaseException, *, write: bool) -> QueryTimeoutError:
-        """``query_timeout`` passed (asyncpg has asked the server to cancel): settle, then the error.
-        A write outside a transaction may have committed before the cancel arrived."""
-        landed = write and not self._open
-        err = QueryTimeoutError(
-            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s and was cancelled on the server"
-            + ("; the write may have landed" if landed else ""),
-            node=self._node,
-            may_have_landed=landed,
+        """asyncpg's ``command_timeout`` passed and it asked the server to cancel. A write
+        outside a transaction may have committed before the cancel arrived."""
+        return await timed_out(
+            self, self._settle, self._spec, "was cancelled on the server", landed=write and not self._open, read=not write
         )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
-        return err
 
     async def _settle(self) -> bool:
         """The interrupted statement is over on the server (True), or its backend ended (False:

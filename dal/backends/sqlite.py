@@ -34,7 +34,7 @@ from dal.errors import (
     SchemaMismatchError,
 )
 
-from .base import Row, settle
+from .base import Row, settle, timed_out
 
 _BUSY_SLICE = 0.02
 """Seconds SQLite itself waits for a lock before saying the database is locked."""
@@ -205,14 +205,7 @@ class SQLiteConnection:
             delay = min(delay * 2, 0.02)
 
     async def _timed_out(self, exc: BaseException, *, write: bool) -> QueryTimeoutError:
-        err = QueryTimeoutError(
-            f"{self._node}: statement timed out after {self._spec.pool.query_timeout}s and was interrupted"
-            + ("; the write may have landed" if write else ""),
-            node=self._node,
-            may_have_landed=write,
-        )
-        await settle(self, self._settle, err, self._spec.pool.cancel_timeout, read=not write)
-        return err
+        return await timed_out(self, self._settle, self._spec, "was interrupted", landed=write, read=not write)
 
     async def _settle(self) -> bool:
         """Interrupt the statement the worker runs and wait until the worker is done with it

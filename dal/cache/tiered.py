@@ -211,13 +211,8 @@ class TableCache:
             raw = await remote.get_row(base)
             if raw is not UNAVAILABLE:
                 if raw is not None:
-                    # _decode() inlined: this is the hot L2 hit.
-                    try:
-                        row = self.codec.loads(raw)
-                        ok = row is None or self._check_row(enc, row)
-                    except Exception:
-                        ok = False
-                    if ok:
+                    row = self._decode(enc, raw)
+                    if row is not _CORRUPT:
                         self.l1.put(enc, row, self._l1_ttl(row), gen)
                         return None if row is None else self._copy(row)
                     await self._discard(remote, [(base, raw)])

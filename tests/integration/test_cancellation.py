@@ -30,7 +30,7 @@ from dal import (
 )
 from dal.repository import Repository
 from tests.batch_support import BATCH_DBS, slot_of
-from tests.cache_support import cache_topology, delete_ns, unique_namespace
+from tests.cache_support import cache_topology, delete_ns, unique_namespace, wait_until
 from tests.conftest import REDIS_URL, users_orders_metadata
 
 pytestmark = pytest.mark.integration
@@ -145,6 +145,18 @@ async def stored_name(raw: Any, key: int) -> str | None:
     return rows[0][0] if rows else None
 
 
+async def lock_waiters(backend: str, raw: Any) -> int:
+    """Sessions on the test's shard databases waiting for a lock now."""
+    if backend == "postgresql":
+        sql = f"SELECT count(*) FROM pg_stat_activity WHERE datname IN {BATCH_DBS!r} AND wait_event_type = 'Lock'"
+    else:
+        sql = (
+            f"SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB IN {BATCH_DBS!r} "
+            "AND COMMAND = 'Query' AND STATE LIKE '%lock%'"
+        )
+    return int((await raw.fetch("db0", sql))[0][0])
+
+
 async def running_statements(backend: str, raw: Any) -> list[tuple[Any, ...]]:
     """Statements other sessions are running on the server now (none for SQLite)."""
     if backend == "postgresql":
@@ -221,6 +233,12 @@ async def test_query_timeout_cancels_on_the_server_and_says_so(backend: str, url
             await locker.lock_table(table)
             with pytest.raises(QueryTimeoutError) as ei:
                 await repo.get(key, primary=True)
+            # The read is stopped on the server (in the background: a read cannot land)
+            # while the lock is still held: it does not wait there for the lock.
+            async def no_lock_waiter() -> bool:
+                return await lock_waiters(backend, raw) == 0
+
+            await wait_until(no_lock_waiter, timeout=5.0, interval=0.02)
             await locker.release()
         assert ei.value.may_have_landed is False and ei.value.node == f"{db}.primary"
         assert (await repo.get(key, primary=True))["name"] == "old"
