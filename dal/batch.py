@@ -726,11 +726,12 @@ class BatchPlanner:
         # The target's columns without its constraints (a key-only row must fit),
         # emptied at every commit; created once per connection. Emptied here too:
         # an atomic call stages several batches of one table in one transaction.
+        # (One statement per call: the execution seam counts the statements it sends.)
         await conn.execute(
-            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" ON COMMIT DELETE ROWS AS SELECT * FROM "{phys.name}" WITH NO DATA;'
-            f' DELETE FROM "{stage}"',
+            f'CREATE TEMP TABLE IF NOT EXISTS "{stage}" ON COMMIT DELETE ROWS AS SELECT * FROM "{phys.name}" WITH NO DATA',
             (),
         )
+        await conn.execute(f'DELETE FROM "{stage}"', ())
         if op == "upsert" and b.text is None:
             # ON CONFLICT cannot touch one row twice: the last write of a key wins
             # (text lines are planned only for unique keys)
@@ -781,8 +782,9 @@ class BatchPlanner:
         the batch upserted with ``on_conflict``, so the outcome is ON CONFLICT's.
         """
         sql = self._merge_sql(b, stage)
+        await conn.execute("SAVEPOINT dal_merge", ())
         try:
-            await conn.execute(f"SAVEPOINT dal_merge; {sql}", ())
+            await conn.execute(sql, ())
         except DalError as exc:
             if isinstance(exc, ConnectionUnavailableError) or conn.broken:
                 raise

@@ -17,9 +17,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from dal.backends import Connection, Pool, connector_for
 from dal.backends.base import Row, mark_if_lost, unsettled
@@ -31,10 +31,13 @@ from dal.errors import (
     QueryTimeoutError,
     RoutingError,
 )
+from dal.events import Events, NodeStateChanged, Outcome, PoolWait, QueryFinished
 from dal.routing.balancing import Balancer, BalancerFactory, balancer_factory
 from dal.routing.router import Role, Target
 
 log = logging.getLogger("dal.cluster")
+
+T = TypeVar("T")
 
 
 Observer = Callable[["Node", str], None]
@@ -47,8 +50,10 @@ class Node:
     __slots__ = (
         "available",
         "backend",
+        "clock",
         "database",
         "down_reason",
+        "events",
         "in_flight",
         "name",
         "observer",
@@ -59,7 +64,15 @@ class Node:
         "weight",
     )
 
-    def __init__(self, spec: NodeSpec, database: str, pool: Pool) -> None:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        database: str,
+        pool: Pool,
+        *,
+        events: Events | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.database = database
@@ -72,6 +85,8 @@ class Node:
         self.in_flight = 0
         self.queries = 0  # statements run outside transactions
         self.observer: Observer | None = None
+        self.events = events if events is not None else Events()
+        self.clock = clock
 
     def __repr__(self) -> str:
         state = "up" if self.available else f"down: {self.down_reason}"
@@ -90,7 +105,7 @@ class Node:
         outage, and the answer is what frees them)."""
         conn = await self.pool.connect_detached()
         try:
-            yield conn
+            yield conn if not self.events.query else Watched(conn, self, purpose)
         finally:
             conn.terminate()
 
@@ -165,12 +180,30 @@ class Session:
 
     async def __aenter__(self) -> Connection:
         node = self._node
-        conn = await node.pool.acquire()
+        pool = node.pool
+        if node.events.pool and not pool.idle:
+            conn = await self._waited(node)
+        else:
+            conn = await pool.acquire()
         self.conn = conn
         node.in_flight += 1
         if self._counted:
             node.queries += 1
+        if node.events.query:
+            return Watched(conn, node, self.purpose)
         return conn
+
+    async def _waited(self, node: Node) -> Connection:
+        """An acquire that may wait (no idle connection), reported as a PoolWait."""
+        start = node.clock()
+        outcome: Outcome = "ok"
+        try:
+            return await node.pool.acquire()
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            node.events.emit(PoolWait(node.name, node.database, node.clock() - start, outcome))
 
     async def __aexit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         node = self._node
@@ -178,6 +211,133 @@ class Session:
         if exc is not None and not self.judged:
             mark_if_lost(self.conn, exc)
         node.pool.release(self.conn)
+
+
+class Watched:
+    """A connection whose every call is reported as a :class:`~dal.events.QueryFinished`:
+    what a :class:`Session` hands out while someone listens for "query" events (else
+    the connection itself, so the cost without a listener is one attribute test).
+
+    The statements of a call are what the adapter counts as sent (``Connection.sent``):
+    a BEGIN sent lazily with the first statement of a transaction counts with it, a
+    COMMIT of a transaction that sent nothing counts 0.
+    """
+
+    __slots__ = ("_conn", "_node", "_purpose")
+
+    def __init__(self, conn: Connection, node: Node, purpose: str) -> None:
+        self._conn = conn
+        self._node = node
+        self._purpose = purpose
+
+    # what callers read or set on a connection besides its calls
+    @property
+    def broken(self) -> bool:
+        return self._conn.broken
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._conn.broken = value
+
+    @property
+    def unsettled(self) -> asyncio.Future[bool] | None:
+        return self._conn.unsettled
+
+    @unsettled.setter
+    def unsettled(self, value: asyncio.Future[bool] | None) -> None:
+        self._conn.unsettled = value
+
+    @property
+    def sent(self) -> int:
+        return self._conn.sent
+
+    @property
+    def server_version(self) -> int:
+        return int(getattr(self._conn, "server_version", 0))
+
+    @property
+    def created_at(self) -> float:
+        return self._conn.created_at
+
+    @created_at.setter
+    def created_at(self, value: float) -> None:
+        self._conn.created_at = value
+
+    @property
+    def last_used(self) -> float:
+        return self._conn.last_used
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self._conn.last_used = value
+
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction()
+
+    def is_closed(self) -> bool:
+        return self._conn.is_closed()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def terminate(self) -> None:
+        self._conn.terminate()
+
+    async def _watch(self, operation: str, call: Awaitable[T]) -> T:
+        node = self._node
+        before = self._conn.sent
+        start = node.clock()
+        outcome: Outcome = "ok"
+        try:
+            return await call
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            node.events.emit(QueryFinished(
+                node.name, node.database, node.role.value, self._purpose, operation,
+                self._conn.sent - before, node.clock() - start, outcome,
+            ))
+
+    async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        return await self._watch("fetch", self._conn.fetch_one(sql, params))
+
+    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        return await self._watch("fetch", self._conn.fetch_all(sql, params))
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        return await self._watch("execute", self._conn.execute(sql, params))
+
+    async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
+        return await self._watch("execute_many", self._conn.execute_many(sql, params))
+
+    async def begin(self) -> None:
+        await self._watch("begin", self._conn.begin())
+
+    async def commit(self) -> None:
+        await self._watch("commit", self._conn.commit())
+
+    async def rollback(self) -> None:
+        await self._watch("rollback", self._conn.rollback())
+
+    async def copy_records(self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]) -> None:
+        conn: Any = self._conn
+        await self._watch("copy", conn.copy_records(table, columns, records))
+
+    async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
+        conn: Any = self._conn
+        await self._watch("copy", conn.copy_text(table, columns, source))
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    """How work that raised ``exc`` ended, in the words of :data:`dal.events.Outcome`."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, TimeoutError):  # (dal's timeouts are TimeoutErrors too)
+        return "timeout"
+    if isinstance(exc, ConnectionUnavailableError | CommitUnknownError) or not isinstance(exc, DalError):
+        return "lost"
+    return "error"
 
 
 def in_doubt(node: str, what: str, exc: DalError) -> CommitUnknownError:
@@ -223,8 +383,10 @@ class Cluster:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         balancers: BalancerFactory | None = None,
+        events: Events | None = None,
     ) -> None:
         self.config = config
+        self.events = events if events is not None else Events()
         make_balancer = balancers or balancer_factory(config.balancing, rng=rng)
         self.nodes: dict[str, Node] = {}
         self._groups: dict[str, _Group] = {}
@@ -232,7 +394,8 @@ class Cluster:
             nodes = []
             for spec in db.nodes:
                 spec = _sqlite_memory_fix(spec)
-                node = Node(spec, db.name, Pool(spec.name, connector_for(spec), spec.pool, clock=clock))
+                pool = Pool(spec.name, connector_for(spec), spec.pool, clock=clock)
+                node = Node(spec, db.name, pool, events=self.events, clock=clock)
                 self.nodes[spec.name] = node
                 nodes.append(node)
             self._groups[db.name] = _Group(db.name, nodes[0], nodes[1:], make_balancer())
@@ -283,17 +446,23 @@ class Cluster:
     # -- availability (health checks and breakers drive these) -----------------------
     def mark_down(self, name: str, reason: str) -> None:
         node = self.nodes[name]
-        if node.available:
+        was = node.available
+        if was:
             log.warning("node %s marked down: %s", name, reason)
         node.available = False
         node.down_reason = reason
+        if was and self.events.node:
+            self.events.emit(NodeStateChanged(name, node.database, False, reason))
 
     def mark_up(self, name: str) -> None:
         node = self.nodes[name]
-        if not node.available:
+        was = node.available
+        if not was:
             log.info("node %s marked up", name)
         node.available = True
         node.down_reason = None
+        if not was and self.events.node:
+            self.events.emit(NodeStateChanged(name, node.database, True, None))
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, *, reap_interval: float = 30.0) -> None:

@@ -33,6 +33,7 @@ from dal.clock import SystemClock
 from dal.cluster import Cluster
 from dal.config import Backend, Config, load_config
 from dal.errors import ConfigError
+from dal.events import Events, Listener
 from dal.repository import Repository
 from dal.routing.router import Router
 from dal.schema import LogicalTable, bind_tables
@@ -104,7 +105,8 @@ class DataLayer:
                 metadata = import_metadata(self.config.metadata)
         self._tables = bind_tables(self.config, metadata)
         self.router = Router(self._tables)
-        self.cluster = Cluster(self.config, clock=clock, rng=rng)
+        self.events = Events()
+        self.cluster = Cluster(self.config, clock=clock, rng=rng, events=self.events)
         self._dialects = {b: make_dialect(b) for b in {d.backend for d in self.config.databases}}
         self._statements: dict[tuple[str, Backend], Statements] = {}
         self._read_primary: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -185,6 +187,12 @@ class DataLayer:
                 raise ConfigError(table.__name__, "a Repository subclass needs table_name")
             return table(self, self.router.table(table.table_name), row_type=row_type)
         return Repository(self, self.router.table(table), row_type=row_type)
+
+    def listen(self, listener: Listener, *kinds: str) -> Callable[[], None]:
+        """Call ``listener(event)`` for each event of ``kinds`` (default: every kind) that
+        this layer's statements, pools, caches and writers emit (see :mod:`dal.events`).
+        Returns a function that stops it."""
+        return self.events.listen(listener, *kinds)
 
     def cache_of(self, table: str) -> TableCache | None:
         """The cache of ``table`` in this process, if it is cached."""

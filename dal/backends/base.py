@@ -58,6 +58,13 @@ class Connection(Protocol):
     unsettled: asyncio.Future[bool] | None
     """The settling of an interrupted statement while it is under way (module docstring)."""
 
+    @property
+    def sent(self) -> int:
+        """How many statements this connection has sent to the server, ever: a lazily sent
+        BEGIN counts with the statement it went with, an ``execute_many`` as many as the
+        driver sent (the execution seam reports each call's difference)."""
+        ...
+
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None: ...
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]: ...

@@ -132,8 +132,14 @@ class _Cursor(aiomysql.Cursor):  # type: ignore[misc]
     ``STRICT_ALL_TABLES`` anything that would change data is an error instead.
     """
 
+    sent = 0  # statements this cursor sent (executemany's rewritten INSERTs one each)
+
     async def _show_warnings(self, conn: Any) -> None:
         return None
+
+    async def execute(self, query: str, args: Any = None) -> int:
+        self.sent += 1
+        return int(await super().execute(query, args))
 
 
 class MySQLConnection:
@@ -152,7 +158,8 @@ class MySQLConnection:
     would still run.
     """
 
-    __slots__ = ("_conn", "_cur", "_deadline", "_in_tx", "_node", "_spec", "broken", "created_at", "last_used", "unsettled")
+    __slots__ = ("_conn", "_cur", "_deadline", "_in_tx", "_node", "_spec", "_tx_sent", "broken", "created_at",
+                 "last_used", "unsettled")
 
     def __init__(self, conn: aiomysql.Connection, cursor: aiomysql.Cursor, spec: NodeSpec, *, server_timeout: bool) -> None:
         self._conn = conn
@@ -164,6 +171,7 @@ class MySQLConnection:
         self._deadline: float | None = None if qt is None else qt + 1.0 if server_timeout else qt
         self.unsettled: asyncio.Future[bool] | None = None
         self._in_tx = False
+        self._tx_sent = 0  # BEGIN, COMMIT and ROLLBACK sent (the driver sends them without the cursor)
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
@@ -222,6 +230,7 @@ class MySQLConnection:
     async def begin(self) -> None:
         try:
             async with asyncio.timeout(self._deadline):
+                self._tx_sent += 1
                 await self._conn.begin()
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -235,6 +244,7 @@ class MySQLConnection:
     async def commit(self) -> None:
         try:
             async with asyncio.timeout(self._deadline):
+                self._tx_sent += 1
                 await self._conn.commit()
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=True, commit=True) from exc
@@ -249,6 +259,7 @@ class MySQLConnection:
     async def rollback(self) -> None:
         try:
             async with asyncio.timeout(self._deadline):
+                self._tx_sent += 1
                 await self._conn.rollback()
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -259,6 +270,10 @@ class MySQLConnection:
             raise
         finally:
             self._in_tx = False
+
+    @property
+    def sent(self) -> int:
+        return int(self._cur.sent) + self._tx_sent
 
     def in_transaction(self) -> bool:
         return self._in_tx

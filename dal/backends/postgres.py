@@ -141,7 +141,8 @@ class PostgresConnection:
     """
 
     __slots__ = (
-        "_begin", "_conn", "_node", "_open", "_spec", "broken", "created_at", "last_used", "server_version", "unsettled",
+        "_begin", "_conn", "_node", "_open", "_spec", "broken", "created_at", "last_used", "sent", "server_version",
+        "unsettled",
     )
 
     def __init__(self, conn: asyncpg.Connection, spec: NodeSpec) -> None:
@@ -158,11 +159,13 @@ class PostgresConnection:
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
+        self.sent = 0
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
             if self._begin:
                 await self._send_begin()
+            self.sent += 1
             return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -176,6 +179,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
+            self.sent += 1
             return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -189,6 +193,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
+            self.sent += 1
             return _rowcount(await self._conn.execute(sql, *params))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=True) from exc
@@ -203,6 +208,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
+            self.sent += len(params)
             await self._conn.executemany(sql, params)
             return -1
         except TimeoutError as exc:
@@ -259,6 +265,7 @@ class PostgresConnection:
         if not (self._begin and _FOLD_COPY):
             if self._begin:
                 await self._send_begin()
+            self.sent += 1
             if records is not None:
                 await conn.copy_records_to_table(table, records=records, columns=list(columns))
             else:
@@ -270,10 +277,12 @@ class PostgresConnection:
         if records is not None:  # the columns' binary codecs, from a cached statement as asyncpg gets them
             state = (await conn._prepare(f"SELECT {cols} FROM {tab} LIMIT 1", use_cache=True))._state
         self._begin = False
+        self.sent += 2
         await conn._protocol.copy_in(f"BEGIN;COPY {tab} ({cols}) FROM STDIN (FORMAT {fmt})", source, None, records, state, None)
 
     async def _send_begin(self) -> None:
         self._begin = False
+        self.sent += 1
         await self._conn.execute("BEGIN")
 
     async def begin(self) -> None:

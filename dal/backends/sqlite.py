@@ -89,7 +89,7 @@ class SQLiteConnection:
     (:func:`~dal.backends.base.settle`).
     """
 
-    __slots__ = ("_conn", "_deadline", "_node", "_spec", "broken", "created_at", "last_used", "unsettled")
+    __slots__ = ("_conn", "_deadline", "_node", "_spec", "broken", "created_at", "last_used", "sent", "unsettled")
 
     def __init__(self, conn: aiosqlite.Connection, spec: NodeSpec) -> None:
         self._conn = conn
@@ -103,10 +103,12 @@ class SQLiteConnection:
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
+        self.sent = 0
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
             async with asyncio.timeout(self._deadline):
+                self.sent += 1
                 rows = await self._locked(lambda: self._conn.execute_fetchall(sql, params))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -122,6 +124,7 @@ class SQLiteConnection:
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
         try:
             async with asyncio.timeout(self._deadline):
+                self.sent += 1
                 return list(await self._locked(lambda: self._conn.execute_fetchall(sql, params)))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -134,6 +137,7 @@ class SQLiteConnection:
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         try:
             async with asyncio.timeout(self._deadline):
+                self.sent += 1
                 cur = await self._locked(lambda: self._conn.execute(sql, params))
                 count = cur.rowcount
                 await cur.close()
@@ -149,6 +153,7 @@ class SQLiteConnection:
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
         try:
             async with asyncio.timeout(self._deadline):
+                self.sent += len(params)
                 cur = await self._locked(lambda: self._conn.executemany(sql, params))
                 count = cur.rowcount
                 await cur.close()
