@@ -82,8 +82,8 @@ from dal.schema import _default_value, as_mapping, not_a_collection
 from dal.sql import CONVERT_ERRORS, Compiled, compile_statement, unconvertible
 
 if TYPE_CHECKING:
+    from dal.binding import TableBinding
     from dal.cluster import Node
-    from dal.repository import Repository
     from dal.schema import LogicalTable
 
 Op = Literal["insert", "upsert", "update", "delete"]
@@ -218,11 +218,11 @@ class _Streams:
 class BatchPlanner:
     """Validates rows, groups them by physical table, and runs batches for one repository."""
 
-    def __init__(self, repo: Repository[Any]) -> None:
-        self.repo = repo
-        self.table = repo._table
-        self.layer = repo._layer
-        self.cluster = repo._cluster
+    def __init__(self, binding: TableBinding) -> None:
+        self.binding = binding
+        self.table = binding.table
+        self.cluster = binding.cluster
+        self.stmts = binding.statements
         self._stmt_cache: dict[tuple[Any, ...], Compiled] = {}
         self._merge_cache: dict[tuple[Any, ...], str] = {}
 
@@ -281,7 +281,7 @@ class BatchPlanner:
                 e = [slot, key, data, given, 1]
             entries.append(e)
         groups: dict[tuple[Any, ...], _Batch] = {}
-        targets = self.repo._primary_targets
+        targets = self.binding.primary_targets
         for slot, key, data, given, n in entries:
             columns = pk if op == "delete" else tuple(c for c in t.columns if c in data)
             overwrite = tuple(c for c in columns if c in given and c not in pk) if op == "upsert" else None
@@ -319,7 +319,7 @@ class BatchPlanner:
         if not all(c in data for c in pk):
             raise ValidationError(f"{t.name}: row {index} lacks primary key columns {list(pk)}")
         kv = tuple(data[c] for c in pk)
-        slot = 0 if t.sharder is None else t.sharder.slot(kv[t._shard_key_index])
+        slot = 0 if t.sharder is None else t.sharder.slot(kv[t.shard_key_index])
         return slot, (kv[0] if len(kv) == 1 else kv), data, given
 
     def _plan_columns(
@@ -339,7 +339,7 @@ class BatchPlanner:
         if sum(map(len, rows)) != width * len(rows):
             return None  # (every column found below, so no row is shorter: same keys)
         names = list(keys)
-        if any(type(n) is not str or n not in t._checkers for n in names):
+        if any(type(n) is not str or n not in t.checkers for n in names):
             return None
         try:
             cols = {n: list(map(operator.itemgetter(n), rows)) for n in names}
@@ -350,10 +350,10 @@ class BatchPlanner:
             return None
         from dal.schema import _default_value
 
-        for name, default in t._defaults:
+        for name, default in t.defaults:
             if name not in cols:
                 cols[name] = [_default_value(default) for _ in rows]
-        if any(name not in cols for name in t._required) or not all(c in cols for c in t.primary_key):
+        if any(name not in cols for name in t.required) or not all(c in cols for c in t.primary_key):
             return None
         shard = cols[t.shard_key]
         shard_kinds = kinds.get(t.shard_key) or set(map(type, shard))  # (a default fills it: not in kinds)
@@ -386,7 +386,7 @@ class BatchPlanner:
             at = columns.index(t.shard_key)
             if forms[at] is int.__repr__:  # (no NULLs: a shard key never is)
                 return _LiveBatches(
-                    self.repo._primary_targets, columns, overwrite,
+                    self.binding.primary_targets, columns, overwrite,
                     _LiveTextSource([cols[c] for c in columns], forms, batch_size, at, keys_list, n),
                 )
         try:
@@ -395,7 +395,7 @@ class BatchPlanner:
             return None  # a lone surrogate: the row-by-row path names the row
         used = sorted(set(slots))
         keys_by_slot = _by_slot(slots, n, keys_list)
-        targets = self.repo._primary_targets
+        targets = self.binding.primary_targets
         if not all_pg and self._on_postgres(used):
             forms = self._text_forms(used[0], columns, cols, kinds)
         if forms is not None:
@@ -421,7 +421,7 @@ class BatchPlanner:
         return out
 
     def _on_postgres(self, slots: Iterable[int]) -> bool:
-        stmts = self.repo._stmts
+        stmts = self.stmts
         return all(stmts[s].dialect.name == "postgresql" for s in slots)
 
     def _text_forms(
@@ -430,7 +430,7 @@ class BatchPlanner:
         """How to render rows bound for PostgreSQL (``slot``: one of their tables) as
         COPY text, when every column is sent as is (no bind processor but the redundant
         Boolean one) and every value has a text form; else ``None`` (binary records)."""
-        c = self.repo._stmts[slot].insert(slot, columns)
+        c = self.stmts[slot].insert(slot, columns)
         phys = self.table.table
         if not all(
             p is None or isinstance(phys.c[name].type, sa.Boolean)
@@ -464,7 +464,7 @@ class BatchPlanner:
             raise ValidationError(f"{t.name}: row {index} has no column to update")
         from dal.schema import _default_value
 
-        for name, default in t._onupdate:  # Column(onupdate=...), as Repository.update applies them
+        for name, default in t.onupdate:  # Column(onupdate=...), as Repository.update applies them
             if name not in out:
                 out[name] = _default_value(default)
         # key columns first, then the columns to set, in a stable order
@@ -536,7 +536,7 @@ class BatchPlanner:
         A failure's culprits are looked up after the permit is given back: the lookup
         takes one of its own (with ``fanout_concurrency=1`` it would wait forever)."""
         try:
-            async with self.layer.fanout:
+            async with self.binding.fanout:
                 affected = await self.execute(op, b, sent)
         except DalError as exc:
             if b.text is not None:
@@ -617,11 +617,11 @@ class BatchPlanner:
             raise CommitUnknownError(
                 f"{node.name}: connection lost during COMMIT of a {op} batch: outcome unknown ({exc})", node=node.name
             ) from exc
-        deadline = time.monotonic() + self.layer.config.in_doubt_timeout
+        deadline = time.monotonic() + self.binding.in_doubt_timeout
         b = batches[0]
         t = self.table
         slot, kv = t.locate_key(b.keys[0])
-        st = self.repo._stmts[slot]
+        st = self.stmts[slot]
         c = st.get[slot]
         params = st.key_only(c, kv)
         while True:
@@ -634,7 +634,7 @@ class BatchPlanner:
                 if time.monotonic() > deadline:
                     raise CommitUnknownError(
                         f"connection lost during COMMIT on {node.name} and the primary did not come back "
-                        f"within {self.layer.config.in_doubt_timeout}s: outcome unknown",
+                        f"within {self.binding.in_doubt_timeout}s: outcome unknown",
                         node=node.name,
                     ) from exc
                 await asyncio.sleep(0.2)
@@ -649,15 +649,35 @@ class BatchPlanner:
         seen: set[Any] = set()
         repeated = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
         try:
-            existing = await self.repo.get_many(list(dict.fromkeys(keys)), primary=True)
+            existing = await self._existing(list(dict.fromkeys(keys)))
         except Exception:
             return repeated
         return list(dict.fromkeys([*existing, *repeated]))
 
+    async def _existing(self, keys: list[Any]) -> list[Any]:
+        """Which of ``keys`` (validated already) are on their primaries: one query per
+        physical table and chunk of 500 keys."""
+        t = self.table
+        pk = t.primary_key
+        by_slot: dict[int, list[tuple[Any, ...]]] = {}
+        for key in keys:
+            kv = key if len(pk) > 1 else (key,)
+            by_slot.setdefault(t.shard_slot(kv), []).append(kv)
+        found: list[Any] = []
+        for slot, kvs in by_slot.items():
+            st = self.stmts[slot]
+            node = self.cluster.node(self.binding.primary_targets[slot])
+            for i in range(0, len(kvs), 500):
+                chunk = kvs[i : i + 500]
+                c = st.get_many(slot, len(chunk))
+                for r in await node.fetch_all(c.sql, c.params(st.get_many_params(chunk))):
+                    found.append(t.key_of(st.row(r)))
+        return found
+
     async def _invalidate(self, op: Op, keys: list[Any], in_doubt: BaseException | None = None) -> None:
         """After a commit of ``keys`` (or one whose outcome ``in_doubt`` left unknown: then once
         more when the server confirms the interrupted statement over, if that is under way)."""
-        cache = self.repo._cache
+        cache = self.binding.cache
         if cache is None:
             return
         t = self.table
@@ -676,7 +696,7 @@ class BatchPlanner:
         return await self._apply_generic(op, conn, b, mysql=backend == "mysql")
 
     def _stmts(self, b: _Batch) -> Any:
-        return self.repo._stmts[b.target.slot]
+        return self.stmts[b.target.slot]
 
     def _compiled(self, key: tuple[Any, ...], build: Callable[[], sa.ClauseElement], dialect: Any) -> Compiled:
         hit = self._stmt_cache.get(key)
@@ -1111,7 +1131,7 @@ class _RowShape:
         given = tuple(c for c in columns if c in names)  # in declared order
         self.read = table.row_reader(given)
         # Python-side defaults of the columns not given, by position in `columns`, ascending
-        self.defaults = tuple(sorted((columns.index(n), d) for n, d in table._defaults if n not in names))
+        self.defaults = tuple(sorted((columns.index(n), d) for n, d in table.defaults if n not in names))
         self.key = operator.itemgetter(*(columns.index(c) for c in pk))  # a scalar for a 1-column key
         self.shard = -1 if table.shard_key is None else columns.index(table.shard_key)
         self.insert: Shape = (columns, None)
@@ -1142,7 +1162,7 @@ class BatchWriter:
 
     def __init__(
         self,
-        repo: Repository[Any],
+        binding: TableBinding,
         *,
         max_rows: int = 500,
         max_delay: float = 0.005,
@@ -1150,9 +1170,9 @@ class BatchWriter:
     ) -> None:
         if max_rows < 1 or max_pending < 1 or max_delay < 0:
             raise ValidationError("max_rows and max_pending must be >= 1, max_delay >= 0")
-        self._planner = BatchPlanner(repo)
-        self._table = repo._table
-        self._targets = repo._primary_targets
+        self._planner = BatchPlanner(binding)
+        self._table = binding.table
+        self._targets = binding.primary_targets
         self.max_rows = max_rows
         self.max_delay = max_delay
         self._max_pending = max_pending
@@ -1309,10 +1329,10 @@ class BatchWriter:
         t = self._table
         if len(self._shapes) >= _SHAPES or not names:
             return None
-        if not all(type(n) is str and n in t._checkers for n in names):
+        if not all(type(n) is str and n in t.checkers for n in names):
             return None
-        present = set(names).union(n for n, _ in t._defaults)
-        if not all(c in present for c in (*t._required, *t.primary_key)):
+        present = set(names).union(n for n, _ in t.defaults)
+        if not all(c in present for c in (*t.required, *t.primary_key)):
             return None
         shape = self._shapes[names] = _RowShape(t, names, present)
         return shape
@@ -1435,10 +1455,10 @@ def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
 
 
 async def run_many(
-    repo: Repository[Any], op: Op, items: Iterable[Any], *, batch_size: int, atomic: bool, raise_on_error: bool
+    binding: TableBinding, op: Op, items: Iterable[Any], *, batch_size: int, atomic: bool, raise_on_error: bool
 ) -> BatchResult:
-    planner = BatchPlanner(repo)
-    not_a_collection(items, "keys" if op == "delete" else "rows", repo.table.name)
+    planner = BatchPlanner(binding)
+    not_a_collection(items, "keys" if op == "delete" else "rows", binding.table.name)
     items = list(items)
     if atomic:
         batches: list[_Batch] | _LiveBatches = planner.plan(op, items, batch_size, stream=True)

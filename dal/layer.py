@@ -29,13 +29,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.named_types import CreateEnumType, DropEnumType
 from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
+from dal.binding import TableBinding
 from dal.clock import SystemClock
 from dal.cluster import Cluster
 from dal.config import Backend, Config, load_config
 from dal.errors import ConfigError
 from dal.events import Events, Listener
 from dal.repository import Repository
-from dal.routing.router import Router
+from dal.routing.router import Role, Router
 from dal.schema import LogicalTable, bind_tables
 from dal.sql import Statements, make_dialect
 
@@ -113,6 +114,8 @@ class DataLayer:
             f"dal.read_primary.{id(self):x}", default=False
         )
         self._fanout = asyncio.Semaphore(self.config.fanout_concurrency)
+        self._clock = clock
+        self._bindings: dict[str, TableBinding] = {}
         self._started = False
         self.cache: CacheRuntime | None = None
         cached = [t for t in self._tables.values() if t.spec.cache is not None]
@@ -185,8 +188,32 @@ class DataLayer:
         if isinstance(table, type):
             if table.table_name is None:
                 raise ConfigError(table.__name__, "a Repository subclass needs table_name")
-            return table(self, self.router.table(table.table_name), row_type=row_type)
-        return Repository(self, self.router.table(table), row_type=row_type)
+            return table(self.binding(table.table_name), row_type=row_type)
+        return Repository(self.binding(table), row_type=row_type)
+
+    def binding(self, table: str) -> TableBinding:
+        """What the repositories and batches of ``table`` run with (built once per table)."""
+        b = self._bindings.get(table)
+        if b is None:
+            t = self.router.table(table)  # RoutingError for an unknown name
+            b = self._bindings[table] = TableBinding(
+                table=t,
+                router=self.router,
+                cluster=self.cluster,
+                statements=tuple(self.statements(t, p.database) for p in t.placements),
+                primary_targets=self.router.route_all(t, Role.PRIMARY),
+                replica_targets=self.router.route_all(t, Role.REPLICA),
+                cache=self.cache_of(t.name),
+                cache_runtime=self.cache,
+                fanout=self._fanout,
+                primary_scope=self._read_primary,
+                max_rows_scanned=self.config.max_rows_scanned,
+                in_doubt_timeout=self.config.in_doubt_timeout,
+                events=self.events,
+                clock=self._clock,
+                bind=self.binding,
+            )
+        return b
 
     def listen(self, listener: Listener, *kinds: str) -> Callable[[], None]:
         """Call ``listener(event)`` for each event of ``kinds`` (default: every kind) that
@@ -341,7 +368,7 @@ def _cached_row_check(table: LogicalTable) -> Callable[[bytes, Any], bool]:
             except Exception:
                 return False
 
-        return check_int if table._pk_kind is int else check
+        return check_int if table.pk_kind is int else check
 
     def check_composite(enc: bytes, value: Any) -> bool:
         try:

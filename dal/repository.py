@@ -29,7 +29,7 @@ from dataclasses import is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 from dal.backends.base import Connection, Row, unsettled
-from dal.cache.keys import encode_cache_key
+from dal.binding import TableBinding
 from dal.cache.local import MISS
 from dal.errors import (
     CrossShardTransactionError,
@@ -39,13 +39,13 @@ from dal.errors import (
     outcome_unknown,
 )
 from dal.routing.router import Role, Target
-from dal.schema import LogicalTable, as_mapping, not_a_collection
-from dal.sql import Compiled, Filter, Query, Statements
+from dal.routing.sharding import encode_cache_key
+from dal.schema import Key, LogicalTable, as_mapping, not_a_collection
+from dal.sql import Compiled, Filter, Query
 
 if TYPE_CHECKING:
     from dal.batch import BatchResult, BatchWriter, Op
     from dal.cache.tiered import TableCache
-    from dal.layer import DataLayer
 
 RowT = TypeVar("RowT")
 T = TypeVar("T")
@@ -150,16 +150,16 @@ class Repository(Generic[RowT]):
 
     def __init__(
         self,
-        layer: DataLayer,
-        table: LogicalTable,
+        binding: TableBinding,
         *,
         row_type: type[Any] | None = None,
         _tx: _Tx | None = None,
     ) -> None:
-        self._layer = layer
+        self.binding = binding
+        table = binding.table
         self._table = table
-        self._router = layer.router
-        self._cluster = layer.cluster
+        self._router = binding.router
+        self._cluster = binding.cluster
         self._tx = _tx
         rt: Any = row_type if row_type is not None else type(self).row_type
         if rt is dict:
@@ -167,14 +167,12 @@ class Repository(Generic[RowT]):
         if rt is not None and not is_dataclass(rt):
             raise ValidationError(f"row_type must be dict or a dataclass, got {rt!r}")
         self._row_type: type[Any] | None = cast("type[Any] | None", rt)
-        self._cache: TableCache | None = layer.cache_of(table.name)
-        self._read_primary = layer.primary_scope  # (the ContextVar itself: one .get() per read)
-        self._fanout = layer.fanout
-        self._primary_targets = self._router.route_all(table, Role.PRIMARY)
-        self._replica_targets = self._router.route_all(table, Role.REPLICA)
-        self._stmts: tuple[Statements, ...] = tuple(
-            layer.statements(table, p.database) for p in table.placements
-        )
+        self._cache: TableCache | None = binding.cache
+        self._read_primary = binding.primary_scope  # (the ContextVar itself: one .get() per read)
+        self._fanout = binding.fanout
+        self._primary_targets = binding.primary_targets
+        self._replica_targets = binding.replica_targets
+        self._stmts = binding.statements
 
     @property
     def table(self) -> LogicalTable:
@@ -182,7 +180,7 @@ class Repository(Generic[RowT]):
 
     def repository(self, table: str) -> Repository[dict[str, Any]]:
         """A repository for another table; inside a transaction it shares the transaction."""
-        return Repository(self._layer, self._router.table(table), _tx=self._tx)
+        return Repository(self.binding.bind(table), _tx=self._tx)
 
     # -- plumbing ----------------------------------------------------------------
     def _role(self, primary: bool) -> Role:
@@ -193,11 +191,6 @@ class Repository(Generic[RowT]):
     def _out(self, row: dict[str, Any]) -> RowT:
         rt = self._row_type
         return cast(RowT, row if rt is None else rt(**row))
-
-    def _key_target(self, key: object, role: Role) -> tuple[Target, tuple[Any, ...]]:
-        slot, kv = self._table.locate_key(key)
-        targets = self._primary_targets if role is Role.PRIMARY else self._replica_targets
-        return targets[slot], kv
 
     async def _fetch_one(self, target: Target, c: Compiled, params: tuple[Any, ...]) -> Row | None:
         if self._tx is not None:
@@ -223,22 +216,23 @@ class Repository(Generic[RowT]):
     async def get(self, key: Any, *, primary: bool = False) -> RowT | None:
         """The row with primary key ``key``, or ``None``."""
         cache = self._cache
+        # (The bypass test of _cache_for, inline: this is the L1-hit path.)
         if cache is not None and self._tx is None and not primary and not self._read_primary.get():
             # L1 holds only keys that passed validation, so a key of the column's
             # exact type may probe it before being validated (the L1-hit fast path).
-            # Either way L1 is probed once and the key encoded once (its bytes also give
-            # the slot of the load).
+            # Either way L1 is probed once and the key located once (its cache bytes
+            # also give the slot of the load).
             t = self._table
-            if type(key) is int and t._pk_kind is int:
+            if type(key) is int and t.pk_kind is int:
                 enc = b"%d" % key  # (encode_key's bytes of an int)
                 hit = cache.cached(enc)
                 if hit is MISS:
-                    enc, kv, slot = t.locate_cached(key, enc)
+                    k = t.locate_cached(key, enc)
             else:
-                enc, kv, slot = t.locate_cached(key)
-                hit = cache.cached(enc)
+                k = t.locate_cached(key)
+                hit = cache.cached(k.cache_key)
             if hit is MISS:
-                hit = await cache.get(enc, lambda fresh: self._load_row(kv, fresh, slot))
+                hit = await cache.get(k.cache_key, lambda fresh: self._load_row(k, fresh))
             if hit is None:
                 return None
             return cast(RowT, hit if self._row_type is None else self._row_type(**hit))
@@ -266,33 +260,39 @@ class Repository(Generic[RowT]):
             return None
         return self._cache
 
-    async def _load_row(self, kv: tuple[Any, ...], primary: bool, slot: int) -> dict[str, Any] | None:
-        """One row from the database (key values ``kv``, in ``slot``), for a cache fill."""
+    def _write_cache(self) -> TableCache | None:
+        """The cache a write outside a transaction invalidates at once (inside one, its
+        keys are invalidated at commit)."""
+        return self._cache if self._tx is None else None
+
+    async def _load_row(self, k: Key, primary: bool) -> dict[str, Any] | None:
+        """One row from the database, for a cache fill of key ``k``."""
+        slot = k.slot
         st = self._stmts[slot]
         c = st.get[slot]
         target = (self._primary_targets if primary else self._replica_targets)[slot]
-        row = await self._cluster.node(target).fetch_one(c.sql, st.key_only(c, kv))
+        row = await self._cluster.node(target).fetch_one(c.sql, st.key_only(c, k.values))
         return None if row is None else st.row(row)
 
-    async def _invalidate(self, kvs: Sequence[tuple[Any, ...]], *, inserted: bool) -> None:
+    async def _invalidate(self, keys: Sequence[Key], *, inserted: bool) -> None:
         """After a committed write: now, or at commit when inside a transaction."""
         cache = self._cache
         if cache is None:
             return
-        encs = [encode_cache_key(kv) for kv in kvs]
+        encs = [k.cache_key for k in keys]
         if self._tx is not None:
             self._tx.after_commit.append((cache, encs, inserted))
         else:
             await cache.invalidate(encs, inserted=inserted)
 
-    async def _invalidate_in_doubt(self, kvs: Sequence[tuple[Any, ...]], inserted: bool, exc: BaseException) -> None:
+    async def _invalidate_in_doubt(self, keys: Sequence[Key], inserted: bool, exc: BaseException) -> None:
         """A write outside a transaction failed with ``exc``: if it may have landed, invalidate
         its keys as if it had, before the error reaches the caller; and once more when the
         server confirms it over, if that is still under way (see dal.backends.base)."""
-        cache = self._cache
-        if cache is None or self._tx is not None or not outcome_unknown(exc):
+        cache = self._write_cache()
+        if cache is None or not outcome_unknown(exc):
             return
-        encs = [encode_cache_key(kv) for kv in kvs]
+        encs = [k.cache_key for k in keys]
         await cache.invalidate(encs, inserted=inserted)
         pending = unsettled(exc)
         if pending is not None:
@@ -302,11 +302,11 @@ class Repository(Generic[RowT]):
         """After an insert/upsert of ``values`` (or one in doubt, failed with ``exc``)."""
         t = self._table
         if all(c in values for c in t.primary_key):
-            kv = tuple(values[c] for c in t.primary_key)
+            k = t.key_from_values(tuple(values[c] for c in t.primary_key))
             if exc is not None:
-                await self._invalidate_in_doubt([kv], True, exc)
+                await self._invalidate_in_doubt([k], True, exc)
             else:
-                await self._invalidate([kv], inserted=True)
+                await self._invalidate([k], inserted=True)
         elif self._cache is not None and self._cache.bloom is not None:
             # A key the server generated: the filter cannot learn it, so it must
             # stop answering "absent" for anything.
@@ -406,7 +406,7 @@ class Repository(Generic[RowT]):
         try:
             await self._execute(target, c, c.params(values))
         except BaseException as exc:
-            if self._cache is not None and self._tx is None and outcome_unknown(exc):
+            if self._write_cache() is not None and outcome_unknown(exc):
                 await self._invalidate_written(values, exc)
             raise
         if self._cache is not None:
@@ -414,31 +414,33 @@ class Repository(Generic[RowT]):
 
     async def update(self, key: Any, values: Mapping[str, Any]) -> bool:
         """Set ``values`` on the row with ``key``; ``False`` when there is no such row."""
-        target, kv = self._key_target(key, Role.PRIMARY)
+        k = self._table.locate(key)
+        target = self._primary_targets[k.slot]
         vals = self._table.update_values(values)
-        st = self._stmts[target.slot]
-        c = st.update(target.slot, tuple(vals))
-        params = st.key_params(kv)
-        params.update({f"v_{k}": v for k, v in vals.items()})
+        st = self._stmts[k.slot]
+        c = st.update(k.slot, tuple(vals))
+        params = st.key_params(k.values)
+        params.update({f"v_{name}": v for name, v in vals.items()})
         try:
             found = await self._execute(target, c, c.params(params)) > 0
         except BaseException as exc:
-            await self._invalidate_in_doubt([kv], False, exc)
+            await self._invalidate_in_doubt([k], False, exc)
             raise
-        await self._invalidate([kv], inserted=False)
+        await self._invalidate([k], inserted=False)
         return found
 
     async def delete(self, key: Any) -> bool:
         """Delete the row with ``key``; ``False`` when there was none."""
-        target, kv = self._key_target(key, Role.PRIMARY)
-        st = self._stmts[target.slot]
-        c = st.delete[target.slot]
+        k = self._table.locate(key)
+        target = self._primary_targets[k.slot]
+        st = self._stmts[k.slot]
+        c = st.delete[k.slot]
         try:
-            found = await self._execute(target, c, st.key_only(c, kv)) > 0
+            found = await self._execute(target, c, st.key_only(c, k.values)) > 0
         except BaseException as exc:
-            await self._invalidate_in_doubt([kv], False, exc)
+            await self._invalidate_in_doubt([k], False, exc)
             raise
-        await self._invalidate([kv], inserted=False)
+        await self._invalidate([k], inserted=False)
         return found
 
     # -- batches ------------------------------------------------------------------------
@@ -476,13 +478,15 @@ class Repository(Generic[RowT]):
 
         if self._tx is not None:
             raise TransactionError("batched writes run their own transactions; call them outside a transaction")
-        return await run_many(self, op, items, batch_size=batch_size, atomic=atomic, raise_on_error=raise_on_error)
+        return await run_many(
+            self.binding, op, items, batch_size=batch_size, atomic=atomic, raise_on_error=raise_on_error
+        )
 
     def writer(self, *, max_rows: int = 500, max_delay: float = 0.005, max_pending: int = 100_000) -> BatchWriter:
         """A write-behind :class:`~dal.batch.BatchWriter` for this table (``async with`` it)."""
         from dal.batch import BatchWriter
 
-        return BatchWriter(self, max_rows=max_rows, max_delay=max_delay, max_pending=max_pending)
+        return BatchWriter(self.binding, max_rows=max_rows, max_delay=max_delay, max_pending=max_pending)
 
     # -- queries ---------------------------------------------------------------------
     def _query(
@@ -578,7 +582,7 @@ class Repository(Generic[RowT]):
         query = self._query(where, order_by, limit, offset, after)
         targets = self._targets(query, self._role(primary))
         self._check_targets(targets)
-        cap = self._layer.config.max_rows_scanned
+        cap = self.binding.max_rows_scanned
         values = query.values()
         if len(targets) == 1:
             # One physical table: the server applies limit and offset itself.
@@ -665,7 +669,7 @@ class Repository(Generic[RowT]):
             async with node.transaction() as conn:
                 tx = _Tx(target.database, conn)
                 bound: Repository[RowT] = type(self).__new__(type(self))
-                Repository.__init__(bound, self._layer, t, row_type=self._row_type or dict, _tx=tx)
+                Repository.__init__(bound, self.binding, row_type=self._row_type or dict, _tx=tx)
                 try:
                     yield bound
                 finally:
@@ -674,19 +678,21 @@ class Repository(Generic[RowT]):
                     raise TransactionError(f"the transaction was rolled back: {tx.failure}")
                 committing = True  # leaving the block sends COMMIT
         except BaseException as exc:
-            if committing and tx is not None and tx.after_commit and self._layer.cache is not None and outcome_unknown(exc):
+            runtime = self.binding.cache_runtime
+            if committing and tx is not None and tx.after_commit and runtime is not None and outcome_unknown(exc):
                 # COMMIT sent, outcome unknown: its writes are treated as committed.
-                await self._layer.cache.shielded(_invalidate_all(tx.after_commit))
+                await runtime.shielded(_invalidate_all(tx.after_commit))
                 pending = unsettled(exc)
                 if pending is not None:
-                    cache, items = self._layer.cache, tx.after_commit
-                    pending.add_done_callback(lambda _: cache.spawn(_invalidate_all(items)))
+                    items, spawn = tx.after_commit, runtime.spawn
+                    pending.add_done_callback(lambda _: spawn(_invalidate_all(items)))
             raise
         assert tx is not None
-        if tx.after_commit and self._layer.cache is not None:
+        runtime = self.binding.cache_runtime
+        if tx.after_commit and runtime is not None:
             # All of them in one task that a cancelled caller does not stop: the
             # later writes of the transaction must not stay cached with old rows.
-            await self._layer.cache.shielded(_invalidate_all(tx.after_commit))
+            await runtime.shielded(_invalidate_all(tx.after_commit))
 
 
 async def _invalidate_all(items: Sequence[tuple[TableCache, list[bytes], bool]]) -> None:

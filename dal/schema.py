@@ -34,6 +34,7 @@ from dal.routing.sharding import (
     Placement,
     Sharder,
     contiguous_slot_map,
+    encode_cache_key,
     encode_key,
     explicit_slot_map,
 )
@@ -472,6 +473,31 @@ def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Ta
     return copy
 
 
+class Key:
+    """A caller's primary key, located once: its validated column ``values`` (in primary-key
+    order), the ``slot`` of its physical table, and its ``cache_key`` bytes (computed on
+    first use, or given when the caller had them already). Made by
+    :meth:`LogicalTable.locate`; a read by key, its cache lookup, its load and a write by
+    key all use the one object."""
+
+    __slots__ = ("_cache_key", "slot", "values")
+
+    def __init__(self, values: tuple[Any, ...], slot: int, cache_key: bytes | None = None) -> None:
+        self.values = values
+        self.slot = slot
+        self._cache_key = cache_key
+
+    @property
+    def cache_key(self) -> bytes:
+        enc = self._cache_key
+        if enc is None:
+            enc = self._cache_key = encode_cache_key(self.values)
+        return enc
+
+    def __repr__(self) -> str:
+        return f"Key(slot={self.slot}, columns={len(self.values)})"  # (never the values)
+
+
 class LogicalTable:
     """A declared table, its placement, its physical tables and its value checks."""
 
@@ -501,11 +527,11 @@ class LogicalTable:
         self.sharder: Sharder | None = sharder_for(spec, config)
         self.shard_key: str | None = spec.shard_key
         self.placements: tuple[Placement, ...] = placements_for(spec, config)
-        self._shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
+        self.shard_key_index = pk.index(self.shard_key) if self.shard_key in pk else 0
         # Value rules depend on where the rows are stored: the strictest rule among
         # the backends of the table's physical tables applies.
         self.backends: Backends = frozenset(config.database(p.database).backend for p in self.placements)
-        self._checkers: dict[str, Checker] = {c.name: _checker_for(c, self.backends) for c in table.columns}
+        self.checkers: dict[str, Checker] = {c.name: _checker_for(c, self.backends) for c in table.columns}
         self._single_pk = len(pk) == 1
         self._nullable = {c.name: bool(c.nullable) for c in table.columns}
         self._fast_kinds = {c.name: k for c in table.columns if (k := _fast_kind(c, self.backends)) is not None}
@@ -517,22 +543,22 @@ class LogicalTable:
         }
         self._nul_ok = "postgresql" not in self.backends
         kind = self._fast_kinds.get(pk[0]) if self._single_pk else None
-        self._pk_kind: type | None = kind[0] if kind is not None else None
+        self.pk_kind: type | None = kind[0] if kind is not None else None
         # Values that callers could mutate in place (JSON, arrays): cached rows are deep-copied.
         self.mutable_values = any(_python_type(c) in (dict, list, object) for c in table.columns)
-        self._pk_checker = self._checkers[pk[0]]
+        self._pk_checker = self.checkers[pk[0]]
         auto = table.autoincrement_column
-        self._required = tuple(
+        self.required = tuple(
             c.name
             for c in table.columns
             if not c.nullable and c.default is None and c.server_default is None and c is not auto
         )
         # Python-side defaults (Column(default=...)/onupdate=...) that SQLAlchemy would
         # apply at execution time; dal executes itself, so it applies them here.
-        self._defaults = tuple(
+        self.defaults = tuple(
             (c.name, c.default) for c in table.columns if isinstance(c.default, sa.ColumnDefault)
         )
-        self._onupdate = tuple(
+        self.onupdate = tuple(
             (c.name, c.onupdate) for c in table.columns if isinstance(c.onupdate, sa.ColumnDefault)
         )
         self._physical_md = sa.MetaData()
@@ -559,12 +585,12 @@ class LogicalTable:
     # -- validation --------------------------------------------------------------
     def column(self, name: object) -> str:
         """``name`` if it is a declared column, else :class:`UnknownColumnError`."""
-        if type(name) is str and name in self._checkers:
+        if type(name) is str and name in self.checkers:
             return name
         raise UnknownColumnError(f"table {self.name!r} has no column {name!r}")
 
     def check_value(self, column: str, value: object) -> None:
-        problem = self._checkers[column](value)
+        problem = self.checkers[column](value)
         if problem is not None:
             raise ValidationError(f"{self.name}.{column}: {problem}")
 
@@ -594,7 +620,12 @@ class LogicalTable:
         values = self.key_values(key)
         if self.sharder is None:
             return 0, values
-        return self.sharder.slot(values[self._shard_key_index]), values
+        return self.sharder.slot(values[self.shard_key_index]), values
+
+    def locate(self, key: object) -> Key:
+        """Validate a primary key (scalar, or tuple for a composite key) and locate it."""
+        slot, values = self.locate_key(key)
+        return Key(values, slot)
 
     def cache_key(self, key: object) -> tuple[bytes, tuple[Any, ...]]:
         """Validate a primary key; return its cache key bytes and its column values."""
@@ -611,16 +642,14 @@ class LogicalTable:
             except ShardKeyError:
                 if self.sharder is not None:
                     raise
-        from dal.cache.keys import encode_cache_key
-
         values = self.key_values(key)
         return encode_cache_key(values), values
 
-    def locate_cached(self, key: object, encoded: bytes | None = None) -> tuple[bytes, tuple[Any, ...], int]:
-        """Validate a primary key; return its cache key bytes, its column values and its slot,
-        each computed once (a single-column shard key's cache bytes are the bytes its CRC32
-        is taken of). ``encoded``: the cache bytes when the caller has them already (an int
-        key, encoded to probe L1 before validation)."""
+    def locate_cached(self, key: object, encoded: bytes | None = None) -> Key:
+        """:meth:`locate` with the cache key bytes computed at once, each part once (a
+        single-column shard key's cache bytes are the bytes its CRC32 is taken of).
+        ``encoded``: the cache bytes when the caller has them already (an int key,
+        encoded to probe L1 before validation)."""
         if encoded is not None and self._single_pk:
             problem = self._pk_checker(key)
             if problem is not None:
@@ -630,10 +659,19 @@ class LogicalTable:
             enc, kv = self.cache_key(key)
         sharder = self.sharder
         if sharder is None:
-            return enc, kv, 0
+            return Key(kv, 0, enc)
         if self._single_pk:
-            return enc, kv, sharder.slot_of_encoded(enc)
-        return enc, kv, sharder.slot(kv[self._shard_key_index])
+            return Key(kv, sharder.slot_of_encoded(enc), enc)
+        return Key(kv, sharder.slot(kv[self.shard_key_index]), enc)
+
+    def key_from_values(self, values: tuple[Any, ...]) -> Key:
+        """The :class:`Key` of primary-key column values already validated (a row's)."""
+        return Key(values, self.shard_slot(values))
+
+    def shard_slot(self, values: tuple[Any, ...]) -> int:
+        """The slot of validated primary-key column values."""
+        sharder = self.sharder
+        return 0 if sharder is None else sharder.slot(values[self.shard_key_index])
 
     def key_values(self, key: object) -> tuple[Any, ...]:
         """Validate a primary key (scalar or tuple) and return its column values."""
@@ -664,9 +702,9 @@ class LogicalTable:
         at = f" (row {index})" if index is not None else ""
         out: dict[str, Any] = {}
         for name, value in data.items():
-            if type(name) is not str or name not in self._checkers:
+            if type(name) is not str or name not in self.checkers:
                 raise UnknownColumnError(f"table {self.name!r} has no column {name!r}{at}")
-            problem = self._checkers[name](value)
+            problem = self.checkers[name](value)
             if problem is not None:
                 raise ValidationError(f"{self.name}.{name}: {problem}{at}")
             out[name] = value
@@ -676,10 +714,10 @@ class LogicalTable:
         """Validate a full row for insert; returns a new dict of declared columns."""
         out = self.checked_values(row, index=index)
         at = f" (row {index})" if index is not None else ""
-        for name, default in self._defaults:
+        for name, default in self.defaults:
             if name not in out:
                 out[name] = _default_value(default)
-        for name in self._required:
+        for name in self.required:
             if name not in out:
                 raise ValidationError(f"{self.name}.{name}: required column missing{at}")
         if self.shard_key is not None:
@@ -725,7 +763,7 @@ class LogicalTable:
                 except ArithmeticError:  # NaN
                     return False
             return True
-        check = self._checkers[name]
+        check = self.checkers[name]
         return all(check(v) is None for v in values)
 
     def row_reader(self, columns: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...] | None]:
@@ -753,7 +791,7 @@ class LogicalTable:
             reads.append(f"    {v} = row[k{i}]\n")
             kind = self._fast_kinds.get(name)
             if kind is None:
-                ns[f"c{i}"] = self._checkers[name]
+                ns[f"c{i}"] = self.checkers[name]
                 tests.append(f"c{i}({v}) is None")
                 continue
             typ, lo, hi = kind
@@ -800,7 +838,7 @@ class LogicalTable:
                 raise ValidationError(f"{self.name}.{col}: primary key columns cannot be updated")
             self.check_value(col, value)
             out[col] = value
-        for name, default in self._onupdate:
+        for name, default in self.onupdate:
             if name not in out:
                 out[name] = _default_value(default)
         return out

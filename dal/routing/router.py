@@ -80,7 +80,7 @@ class Router:
         out: dict[Target, list[tuple[Any, ...]]] = {}
         targets = self._targets[table.name][role]
         sharder = table.sharder
-        i = table._shard_key_index
+        i = table.shard_key_index
         for kv in key_values:
             target = targets[0] if sharder is None else targets[sharder.slot(kv[i])]
             out.setdefault(target, []).append(kv)

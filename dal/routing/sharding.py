@@ -30,10 +30,28 @@ import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dal.errors import ConfigError, ShardKeyError
 
 ShardKey = int | str | bytes | bytearray | memoryview | uuid.UUID
+
+
+def encode_cache_key(kv: tuple[Any, ...]) -> bytes:
+    """Stable bytes of a whole primary key (its column values ``kv``): the row's identity
+    in the cache, the Bloom filter and invalidation messages. A single-column key's bytes
+    are :func:`encode_key`'s (so they are also what its CRC32 is taken of); a composite
+    key's parts are length-prefixed."""
+    if len(kv) == 1:
+        return _encode_part(kv[0])
+    return b"".join(len(p).to_bytes(4, "big") + p for p in map(_encode_part, kv))
+
+
+def _encode_part(v: Any) -> bytes:
+    try:
+        return encode_key(v)
+    except Exception:  # non-shard key columns may hold other types: a tagged repr
+        return b"\x00" + type(v).__name__.encode() + b":" + repr(v).encode()
 
 
 def encode_key(key: object, *, table: str = "?") -> bytes:
