@@ -13,9 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from dal.events import BreakerChanged, Events
+
 
 class Breaker:
-    __slots__ = ("_clock", "_failures", "_on_close", "_opened_at", "_trial", "failures", "name", "reset", "trips")
+    __slots__ = (
+        "_clock", "_events", "_failures", "_on_close", "_opened_at", "_trial", "failures", "name", "reset", "trips",
+    )
 
     def __init__(
         self,
@@ -25,12 +29,15 @@ class Breaker:
         reset: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_close: Callable[[], None] | None = None,
+        events: Events | None = None,
     ) -> None:
+        """``events``: where its changes between closed and open are reported."""
         self.name = name
         self.failures = failures
         self.reset = reset
         self._clock = clock
         self._on_close = on_close
+        self._events = events
         self._failures = 0
         self._opened_at: float | None = None
         self._trial = False
@@ -56,6 +63,7 @@ class Breaker:
         if self._opened_at is not None:
             self._opened_at = None
             self._trial = False
+            self._changed("closed", "open")
             if self._on_close is not None:
                 self._on_close()
 
@@ -73,3 +81,8 @@ class Breaker:
         elif self._failures >= self.failures:
             self._opened_at = self._clock()
             self.trips += 1
+            self._changed("open", "closed")
+
+    def _changed(self, state: str, previous: str) -> None:
+        if self._events is not None and self._events.breaker:
+            self._events.emit(BreakerChanged(self.name, state, previous))

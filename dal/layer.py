@@ -137,6 +137,7 @@ class DataLayer:
                 resync_interval=s.resync_interval,
                 max_keys_per_message=s.max_keys_per_message,
                 signing_key=s.signing_key,
+                events=self.events,
             )
             for t in cached:
                 assert t.spec.cache is not None

@@ -466,9 +466,10 @@ def physical_table(logical: sa.Table, name: str, metadata: sa.MetaData) -> sa.Ta
     # MySQL's default collations compare 'a' = 'A' = 'a ': two keys CRC32 routes
     # apart would collide in one table. Compare as exactly as routing does,
     # unless the declaration chose a collation itself.
-    mysql_opts = copy.dialect_options["mysql"]
-    if "collate" not in mysql_opts._non_defaults:
-        mysql_opts["charset"] = mysql_opts._non_defaults.get("charset", "utf8mb4")
+    declared = copy.dialect_kwargs  # (only the dialect arguments the declaration gave)
+    if "mysql_collate" not in declared:
+        mysql_opts = copy.dialect_options["mysql"]
+        mysql_opts["charset"] = declared.get("mysql_charset", "utf8mb4")
         mysql_opts["collate"] = "utf8mb4_bin"
     return copy
 

@@ -82,7 +82,7 @@ def compile_statement(stmt: sa.ClauseElement, dialect: Dialect) -> Compiled:
     c = stmt.compile(dialect=dialect)
     assert isinstance(c, SQLCompiler)
     names = tuple(c.positiontup or ())
-    procs = tuple(c.binds[n].type._cached_bind_processor(dialect) for n in names)
+    procs = tuple(c.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names)
     defaults = {n: c.binds[n].value for n in names if c.binds[n].value is not None}
     return Compiled(str(c), names, defaults, procs)
 
@@ -102,7 +102,7 @@ def _result_processor(type_: Any, dialect: Dialect) -> Processor | None:
             coltype = 701
         elif isinstance(type_, sa.Numeric):
             coltype = 1700
-    proc: Processor | None = type_._cached_result_processor(dialect, coltype)
+    proc: Processor | None = type_.dialect_impl(dialect).result_processor(dialect, coltype)
     return proc
 
 

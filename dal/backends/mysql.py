@@ -272,6 +272,11 @@ class MySQLConnection:
             self._in_tx = False
 
     @property
+    def cursor(self) -> aiomysql.Cursor:
+        """The driver's cursor itself, for this adapter's own side work (no timeout, no settling)."""
+        return self._cur
+
+    @property
     def sent(self) -> int:
         return int(self._cur.sent) + self._tx_sent
 
@@ -321,13 +326,13 @@ async def kill_connection(spec: NodeSpec, thread_id: int, *, deadline: float = 3
         try:
             async with asyncio.timeout(spec.pool.cancel_timeout):
                 try:
-                    await side._cur.execute("KILL CONNECTION %s", (thread_id,))
+                    await side.cursor.execute("KILL CONNECTION %s", (thread_id,))
                 except pymysql.err.MySQLError as exc:
                     if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
                         raise
                 while True:
-                    await side._cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (thread_id,))
-                    row = await side._cur.fetchone()
+                    await side.cursor.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s", (thread_id,))
+                    row = await side.cursor.fetchone()
                     if not row or not row[0]:
                         return
                     await asyncio.sleep(0.01)

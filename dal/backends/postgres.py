@@ -45,6 +45,9 @@ from urllib.parse import urlencode
 
 import asyncpg
 import asyncpg.exceptions as pgx
+from asyncpg.exceptions._base import (
+    DataError as ClientDataError,  # (asyncpg exports only the server one)
+)
 
 from dal.config import PG_CONNECT_ARGUMENTS, NodeSpec
 from dal.errors import (
@@ -67,7 +70,7 @@ from .base import Row, retry_until, settle, timed_out
 # idle connection ("cannot switch to state ..."): the connection is gone.
 # UnicodeEncodeError: a str value UTF-8 cannot encode (a lone surrogate), raised bare
 # by asyncpg's binary COPY encoder.
-_ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx._base.InternalClientError, OSError, UnicodeEncodeError)
+_ERRORS = (pgx.PostgresError, asyncpg.InterfaceError, pgx.InternalClientError, OSError, UnicodeEncodeError)
 
 # A COPY with BEGIN in front goes through asyncpg's protocol object, whose copy_in()
 # takes the statement's text (the public copy methods build it themselves). That is
@@ -95,7 +98,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
         return ReadOnlyError(msg)
     if isinstance(exc, pgx.UndefinedTableError | pgx.UndefinedColumnError):
         return SchemaMismatchError(msg)
-    if isinstance(exc, pgx.DataError | pgx._base.DataError | UnicodeEncodeError):  # server class 22 / client-side encode
+    if isinstance(exc, pgx.DataError | ClientDataError | UnicodeEncodeError):  # server class 22 / client-side encode
         return DataError(msg)
     if isinstance(exc, TimeoutError):
         # Before OSError, of which the builtin TimeoutError (asyncpg's command_timeout) is a subclass.
@@ -108,7 +111,7 @@ def map_error(exc: BaseException, node: str) -> DalError:
         | pgx.CrashShutdownError
         | pgx.ConnectionDoesNotExistError
         | asyncpg.InterfaceError
-        | pgx._base.InternalClientError
+        | pgx.InternalClientError
         | OSError
         | EOFError,
     ):
@@ -141,7 +144,7 @@ class PostgresConnection:
     """
 
     __slots__ = (
-        "_begin", "_conn", "_node", "_open", "_spec", "broken", "created_at", "last_used", "sent", "server_version",
+        "_begin", "_conn", "_node", "_open", "_sent", "_spec", "broken", "created_at", "last_used", "server_version",
         "unsettled",
     )
 
@@ -159,13 +162,13 @@ class PostgresConnection:
         self.broken = False
         self.created_at = 0.0
         self.last_used = 0.0
-        self.sent = 0
+        self._sent = 0
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
         try:
             if self._begin:
                 await self._send_begin()
-            self.sent += 1
+            self._sent += 1
             return await self._conn.fetchrow(sql, *params)  # type: ignore[no-any-return]
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -179,7 +182,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
-            self.sent += 1
+            self._sent += 1
             return await self._conn.fetch(sql, *params)  # type: ignore[no-any-return]
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=False) from exc
@@ -193,7 +196,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
-            self.sent += 1
+            self._sent += 1
             return _rowcount(await self._conn.execute(sql, *params))
         except TimeoutError as exc:
             raise await self._timed_out(exc, write=True) from exc
@@ -208,7 +211,7 @@ class PostgresConnection:
         try:
             if self._begin:
                 await self._send_begin()
-            self.sent += len(params)
+            self._sent += len(params)
             await self._conn.executemany(sql, params)
             return -1
         except TimeoutError as exc:
@@ -265,7 +268,7 @@ class PostgresConnection:
         if not (self._begin and _FOLD_COPY):
             if self._begin:
                 await self._send_begin()
-            self.sent += 1
+            self._sent += 1
             if records is not None:
                 await conn.copy_records_to_table(table, records=records, columns=list(columns))
             else:
@@ -275,14 +278,18 @@ class PostgresConnection:
         cols = ", ".join(map(_quote, columns))
         state = None
         if records is not None:  # the columns' binary codecs, from a cached statement as asyncpg gets them
-            state = (await conn._prepare(f"SELECT {cols} FROM {tab} LIMIT 1", use_cache=True))._state
+            # asyncpg has no public API for either step: its prepared-statement state and
+            # its protocol's copy_in are what copy_records_to_table uses inside.
+            prepared = await conn._prepare(f"SELECT {cols} FROM {tab} LIMIT 1", use_cache=True)  # noqa: SLF001
+            state = prepared._state  # noqa: SLF001
         self._begin = False
-        self.sent += 2
-        await conn._protocol.copy_in(f"BEGIN;COPY {tab} ({cols}) FROM STDIN (FORMAT {fmt})", source, None, records, state, None)
+        self._sent += 2
+        protocol = conn._protocol  # noqa: SLF001  (see above)
+        await protocol.copy_in(f"BEGIN;COPY {tab} ({cols}) FROM STDIN (FORMAT {fmt})", source, None, records, state, None)
 
     async def _send_begin(self) -> None:
         self._begin = False
-        self.sent += 1
+        self._sent += 1
         await self._conn.execute("BEGIN")
 
     async def begin(self) -> None:
@@ -309,6 +316,15 @@ class PostgresConnection:
         finally:
             # Ended (or, when the connection failed, it is broken and will not be reused).
             self._open = False
+
+    @property
+    def sent(self) -> int:
+        return self._sent + int(self._conn.dal_sent)
+
+    @property
+    def driver(self) -> asyncpg.Connection:
+        """The asyncpg connection itself, for this adapter's own side work (no settling)."""
+        return self._conn
 
     def in_transaction(self) -> bool:
         return self._open or bool(self._conn.is_in_transaction())
@@ -372,8 +388,8 @@ async def terminate_backend(spec: NodeSpec, pid: int, *, deadline: float = 30.0)
         side = await connect(spec)
         try:
             async with asyncio.timeout(spec.pool.cancel_timeout):
-                await side._conn.execute("SELECT pg_terminate_backend($1)", pid)
-                while await side._conn.fetchval(  # noqa: ASYNC110 - polling another server's state
+                await side.driver.execute("SELECT pg_terminate_backend($1)", pid)
+                while await side.driver.fetchval(  # noqa: ASYNC110 - polling another server's state
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
                 ):
                     await asyncio.sleep(0.01)
@@ -381,6 +397,29 @@ async def terminate_backend(spec: NodeSpec, pid: int, *, deadline: float = 30.0)
             side.terminate()
 
     return await retry_until(attempt, (DalError, *_ERRORS), deadline)
+
+
+class _Driver(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, counting the statements asyncpg sends of its own accord.
+
+    The first time a statement of this connection uses a type asyncpg has no codec
+    for yet (a native enum, a domain...), asyncpg looks the type up with statements
+    on the same connection, inside the caller's call; they count in
+    ``PostgresConnection.sent`` with that call. ``dal_jit``: whether JIT is on for
+    this session (asyncpg turns it off around the lookup and back on after).
+    """
+
+    __slots__ = ("dal_jit", "dal_sent")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dal_sent = 0
+        self.dal_jit = True
+
+    async def _introspect_types(self, typeoids: Any, timeout: Any) -> Any:
+        # the lookup, and when the server has JIT: "JIT off" first, "JIT back on" after if it was on
+        self.dal_sent += 1 + ((1 + self.dal_jit) if self._server_caps.jit else 0)
+        return await super()._introspect_types(typeoids, timeout)
 
 
 async def connect(spec: NodeSpec) -> PostgresConnection:
@@ -412,6 +451,7 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
             ssl=ssl,
             target_session_attrs=target_session_attrs,
             server_settings=query or None,  # only plain setting names remain (DSN)
+            connection_class=_Driver,
         )
     except (*_ERRORS, TimeoutError) as exc:
         err = map_error(exc, spec.name)
@@ -428,4 +468,6 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
     await conn.set_type_codec(
         "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
     )
+    conn.dal_jit = await conn.fetchval("SELECT current_setting('jit', true)") not in (None, "off")
+    conn.dal_sent = 0  # (the statements above are the connection's setup, not work)
     return PostgresConnection(conn, spec)

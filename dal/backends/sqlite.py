@@ -179,7 +179,7 @@ class SQLiteConnection:
         return bool(self._conn.in_transaction)
 
     def is_closed(self) -> bool:
-        return not self._conn._running
+        return not self._conn._running  # noqa: SLF001  (aiosqlite says so only here)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -218,12 +218,14 @@ class SQLiteConnection:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         try:
-            self._conn._tx.put_nowait((done, lambda: None))
+            self._conn._tx.put_nowait((done, lambda: None))  # noqa: SLF001  (aiosqlite's worker queue: no public API)
         except Exception:
             return False
         while not done.done():
             with contextlib.suppress(Exception):
-                self._conn._connection.interrupt()  # type: ignore[union-attr]  # (thread-safe; waits on a lock are cut too)
+                # sqlite3's own interrupt() (thread-safe), not aiosqlite's, which would queue
+                # behind the statement it is meant to cut; waits on a lock are cut too.
+                self._conn._connection.interrupt()  # type: ignore[union-attr]  # noqa: SLF001
             await asyncio.wait([done], timeout=0.05)
         return True
 

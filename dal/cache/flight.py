@@ -17,10 +17,12 @@ T = TypeVar("T")
 
 
 class SingleFlight(Generic[T]):
-    __slots__ = ("_calls", "shared")
+    __slots__ = ("_calls", "_on_shared", "shared")
 
-    def __init__(self) -> None:
+    def __init__(self, *, on_shared: Callable[[], None] | None = None) -> None:
+        """``on_shared``: called each time a caller joins a load already running."""
         self._calls: dict[Hashable, asyncio.Task[T]] = {}
+        self._on_shared = on_shared
         self.shared = 0  # callers served by a load another caller started
 
     async def do(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
@@ -31,6 +33,8 @@ class SingleFlight(Generic[T]):
             task.add_done_callback(functools.partial(self._done, key))
         else:
             self.shared += 1
+            if self._on_shared is not None:
+                self._on_shared()
         return await asyncio.shield(task)
 
     def forget(self, key: Hashable) -> None:

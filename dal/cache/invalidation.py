@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 
 from dal.clock import Backoff, Clock, as_clock
+from dal.events import Events, InvalidationReceived
 
 log = logging.getLogger("dal.cache")
 
@@ -188,8 +189,10 @@ class InvalidationBus:
         max_keys: int = 1000,
         signing_key: bytes | None = None,
         reconnect: Backoff | None = None,
+        events: Events | None = None,
     ) -> None:
         self.client = client
+        self._events = events if events is not None else Events()
         self.channel = channel
         self.cluster = cluster
         self.timeout = timeout
@@ -414,6 +417,8 @@ class InvalidationBus:
             self.foreign += 1
             return
         handler(keys, inserted)
+        if self._events.invalidation:
+            self._events.emit(InvalidationReceived(table, len(keys), self.last_delay_ms / 1000))
 
     async def aclose(self) -> None:
         if self._task is not None:

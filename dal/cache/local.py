@@ -26,14 +26,14 @@ _MAX_TOUCHED = 100_000
 
 
 class LocalCache:
-    __slots__ = ("_cache", "_clock", "_copy", "_floor", "_gen", "_touched", "hits", "misses", "rejected_fills")
+    __slots__ = ("_cache", "_clock", "_floor", "_gen", "_touched", "copy", "hits", "misses", "rejected_fills")
 
     def __init__(self, maxsize: int, *, clock: Callable[[], float], deep_copy: bool = False) -> None:
         self._clock = clock
         self._cache: TLRUCache[Hashable, tuple[float, dict[str, Any] | None]] = TLRUCache(
             maxsize, ttu=lambda _k, v, _now: v[0], timer=clock
         )
-        self._copy: Callable[[dict[str, Any]], dict[str, Any]] = copy.deepcopy if deep_copy else dict
+        self.copy: Callable[[dict[str, Any]], dict[str, Any]] = copy.deepcopy if deep_copy else dict
         self._gen = 0
         self._floor = 0  # fills that started before this generation are dropped
         self._touched: dict[Hashable, int] = {}
@@ -49,7 +49,7 @@ class LocalCache:
             self.misses += 1
             return MISS  # type: ignore[no-any-return]
         self.hits += 1
-        return None if row is None else self._copy(row)
+        return None if row is None else self.copy(row)
 
     def generation(self) -> int:
         return self._gen

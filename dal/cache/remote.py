@@ -142,7 +142,7 @@ class RemoteCache:
         self.fills = 0
         self.rejected_fills = 0
 
-    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         if not self.breaker.allow():
             return UNAVAILABLE
         try:
@@ -178,7 +178,7 @@ class RemoteCache:
             for b in chunk:
                 keys += (b, b + ":ver")
             mget = self.client.mget_nonatomic if self.cluster and len(chunk) > 1 else self.client.mget
-            res = await self._call(functools.partial(mget, keys))
+            res = await self.call(functools.partial(mget, keys))
             if res is UNAVAILABLE or len(res) != len(keys):
                 failed += 1
                 out += [UNAVAILABLE] * len(chunk)
@@ -189,14 +189,14 @@ class RemoteCache:
         return out
 
     async def get_row(self, base: str) -> bytes | Any | None:
-        return await self._call(lambda: self.client.get(base))
+        return await self.call(lambda: self.client.get(base))
 
     async def get_version(self, base: str) -> bytes | Any | None:
-        return await self._call(lambda: self.client.get(base + ":ver"))
+        return await self.call(lambda: self.client.get(base + ":ver"))
 
     async def fill(self, base: str, payload: bytes, ttl_ms: int, version: bytes) -> bool | Any:
         """Store ``payload`` only if the version is still ``version`` (b'' = never written)."""
-        res = await self._call(lambda: self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms]))
+        res = await self.call(lambda: self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms]))
         if res is UNAVAILABLE:
             return UNAVAILABLE
         if res:
@@ -221,7 +221,7 @@ class RemoteCache:
                     await self._fill(keys=[base, base + ":ver"], args=[version, payload, ttl_ms], client=pipe)
                 return await pipe.execute()  # type: ignore[no-any-return]
 
-            res = await self._call(run)
+            res = await self.call(run)
             if res is UNAVAILABLE:
                 continue  # (once the breaker is open, the rest skip Redis at once)
             done = sum(1 for r in res if r)
@@ -241,20 +241,20 @@ class RemoteCache:
                 await self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms], client=pipe)
             await pipe.execute()
 
-        return await self._call(run) is not UNAVAILABLE
+        return await self.call(run) is not UNAVAILABLE
 
     async def acquire_lease(self, base: str, token: bytes, ttl_ms: int) -> bool | Any:
-        res = await self._call(lambda: self.client.set(base + ":lease", token, nx=True, px=ttl_ms))
+        res = await self.call(lambda: self.client.set(base + ":lease", token, nx=True, px=ttl_ms))
         return res if res is UNAVAILABLE else bool(res)
 
     async def release_lease(self, base: str, token: bytes) -> None:
-        await self._call(lambda: self._release(keys=[base + ":lease"], args=[token]))
+        await self.call(lambda: self._release(keys=[base + ":lease"], args=[token]))
 
     async def discard(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Delete each (key, value) whose key still holds exactly that value (a fill or a
         write since then is kept), in pipelines of :data:`FILL_CHUNK`."""
         if self.cluster:
-            await asyncio.gather(*(self._call(functools.partial(self._release, keys=[k], args=[v])) for k, v in items))
+            await asyncio.gather(*(self.call(functools.partial(self._release, keys=[k], args=[v])) for k, v in items))
             return
         for i in range(0, len(items), FILL_CHUNK):
             chunk = items[i : i + FILL_CHUNK]
@@ -265,13 +265,13 @@ class RemoteCache:
                     await self._release(keys=[key], args=[value], client=pipe)
                 await pipe.execute()
 
-            await self._call(run)
+            await self.call(run)
 
     async def save_bloom(
         self, bits_key: str, meta_key: str, data: bytes, capacity: int, error_rate: str, count: int, generation: int
     ) -> bool:
         """Store a Bloom snapshot, merged with the bits of the same geometry already there."""
-        res = await self._call(
+        res = await self.call(
             lambda: self._save_bloom(
                 keys=[bits_key, meta_key, bits_key + ":scratch"], args=[data, capacity, error_rate, count, generation]
             )
@@ -285,4 +285,4 @@ class RemoteCache:
                 pipe.setbit(key, p, 1)
             await pipe.execute()
 
-        return await self._call(run) is not UNAVAILABLE
+        return await self.call(run) is not UNAVAILABLE

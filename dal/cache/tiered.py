@@ -54,6 +54,15 @@ from dal.cache.local import MISS, LocalCache
 from dal.cache.remote import UNAVAILABLE, RemoteCache, key_token, parse_version
 from dal.clock import Backoff, Clock, as_clock
 from dal.config import CachePolicy
+from dal.events import (
+    CacheLevel,
+    CacheLookup,
+    CacheResult,
+    Events,
+    FlightShared,
+    InvalidationFailed,
+    InvalidationPublished,
+)
 
 log = logging.getLogger("dal.cache")
 
@@ -111,8 +120,9 @@ class TableCache:
         self._corrupt_logged = False
         # The time source itself, not a wrapper: L1 reads it on every lookup.
         self.l1 = LocalCache(policy.l1_max_size, clock=runtime.clock.monotonic, deep_copy=deep_copy)
-        self._copy = self.l1._copy
-        self.flight: SingleFlight[Row | None] = SingleFlight()
+        self._copy = self.l1.copy
+        self._events = runtime.events
+        self.flight: SingleFlight[Row | None] = SingleFlight(on_shared=self._flight_shared)
         self.prefix = f"{policy.namespace}:{policy.schema_version}:{table}:"
         self.bloom: BloomMembership | None = (
             BloomMembership(policy.bloom_capacity, policy.bloom_error_rate) if policy.bloom else None
@@ -154,7 +164,38 @@ class TableCache:
         if enc in b:
             return False
         self.bloom_rejections += 1
+        if self._events.cache:
+            self._events.emit(CacheLookup(self.table, "bloom", "absent"))
         return True
+
+    def _flight_shared(self) -> None:
+        if self._events.cache:
+            self._events.emit(FlightShared(self.table))
+
+    def _seen_many(
+        self, todo: list[bytes], res: list[Any], out: dict[bytes, Row | None], versions: dict[bytes, bytes],
+        corrupt: int,
+    ) -> None:
+        """Report a get_many's L2 results: rows, placeholders, failed chunks, the rest misses."""
+        hits = negative = 0
+        for e in todo:
+            if e in out and e not in versions:  # (a Bloom "absent" has its version read)
+                if out[e] is None:
+                    negative += 1
+                else:
+                    hits += 1
+        failed = sum(1 for item in res if item is UNAVAILABLE)
+        counts: tuple[tuple[CacheResult, int], ...] = (
+            ("hit", hits), ("negative", negative), ("error", failed),
+            ("miss", len(todo) - hits - negative - failed - corrupt),
+        )  # fmt: skip
+        for result, n in counts:
+            if n:
+                self._seen("l2", result, n)
+
+    def _seen(self, level: CacheLevel, result: CacheResult, keys: int = 1) -> None:
+        """Report a read-path decision (the caller tested ``self._events.cache``)."""
+        self._events.emit(CacheLookup(self.table, level, result, keys))
 
     def _fresh(self, written_ms: int | None) -> bool:
         return written_ms is not None and self.runtime.wall_ms() - written_ms < self.policy.fresh_window * 1000
@@ -180,6 +221,8 @@ class TableCache:
     async def _discard(self, remote: RemoteCache, entries: list[tuple[str, bytes]]) -> None:
         """Count and delete L2 entries (base key, bytes read) that :meth:`_decode` rejected."""
         self.corrupt_entries += len(entries)
+        if self._events.cache:
+            self._seen("l2", "corrupt", len(entries))
         if not self._corrupt_logged:
             # Once per table: whoever wrote one bad entry may write many.
             self._corrupt_logged = True
@@ -213,10 +256,16 @@ class TableCache:
                 if raw is not None:
                     row = self._decode(enc, raw)
                     if row is not _CORRUPT:
+                        if self._events.cache:
+                            self._seen("l2", "hit" if row is not None else "negative")
                         self.l1.put(enc, row, self._l1_ttl(row), gen)
                         return None if row is None else self._copy(row)
                     await self._discard(remote, [(base, raw)])
+                elif self._events.cache:
+                    self._seen("l2", "miss")
                 checked = True
+            elif self._events.cache:
+                self._seen("l2", "error")
         row = await self.flight.do(enc, lambda: self._miss(enc, gen, load, row_checked=checked))
         return None if row is None else self._copy(row)
 
@@ -235,11 +284,17 @@ class TableCache:
                 if raw is not None:
                     row = self._decode(enc, raw)
                     if row is not _CORRUPT:
+                        if self._events.cache:
+                            self._seen("l2", "hit" if row is not None else "negative")
                         self.l1.put(enc, row, self._l1_ttl(row), gen)
                         return row  # type: ignore[no-any-return]
                     await self._discard(remote, [(base, raw)])
+                elif not row_checked and self._events.cache:
+                    self._seen("l2", "miss")
                 ver = await remote.get_version(base)
                 if ver is UNAVAILABLE:
+                    if self._events.cache:
+                        self._seen("l2", "error")
                     fresh = True  # unknown: take the primary, trust no Bloom filter
                 else:
                     version, fresh = self._version(ver)
@@ -259,6 +314,8 @@ class TableCache:
             got = await remote.acquire_lease(base, token, int(self.policy.lease_ttl * 1000))
             if got is False:
                 self.lease_waits += 1
+                if self._events.cache:
+                    self._seen("db", "lease_wait")
                 waited = await self._await_fill(remote, enc, base)
                 if waited is not MISS:
                     self.l1.put(enc, waited, self._l1_ttl(waited), gen)
@@ -280,6 +337,8 @@ class TableCache:
                         return filled  # type: ignore[no-any-return]
         try:
             self.db_loads += 1
+            if self._events.cache:
+                self._seen("db", "loaded")
             row = await load(fresh)
             if remote is not None:
                 await remote.fill(base, self.codec.dumps(row), self._l2_ttl_ms(row), version)
@@ -355,14 +414,20 @@ class TableCache:
                         stale_ok.append(enc)
                 if corrupt:
                     await self._discard(remote, corrupt)
+                if self._events.cache:
+                    self._seen_many(todo, res, out, versions, len(corrupt))
             else:
                 stale_ok = todo
+                if self._events.cache:
+                    self._seen("l2", "error", len(todo))
         else:
             stale_ok = todo
         for group, primary in ((stale_ok, False), (fresh, True)):
             if not group:
                 continue
             self.db_loads += 1
+            if self._events.cache:
+                self._seen("db", "loaded", len(group))
             rows = await load([encs[e] for e in group], primary)
             fills = []
             for enc in group:
@@ -410,6 +475,7 @@ class TableCache:
 
         if not await asyncio.shield(delete()):
             self._mark_unsynced(encs)
+            self._failed(len(encs), "delete")
 
             async def retry_delete() -> bool:
                 if not await delete():
@@ -438,6 +504,7 @@ class TableCache:
                 return await remote.setbits(bits_key, positions)
 
             if not await asyncio.shield(setbits()):
+                self._failed(len(encs), "bloom")
                 rt.retry.put(setbits)
         if rt.bus is not None:
             bus = rt.bus
@@ -453,6 +520,15 @@ class TableCache:
                     return await bus.publish(payload)
 
                 rt.retry.put(publish)
+            if failed:
+                self._failed(len(encs), "publish")
+            elif self._events.invalidation:
+                self._events.emit(InvalidationPublished(self.table, len(encs)))
+
+    def _failed(self, keys: int, stage: str) -> None:
+        """A step of an invalidation failed and went to the retry queue."""
+        if self._events.invalidation:
+            self._events.emit(InvalidationFailed(self.table, keys, stage, "Redis unavailable", retrying=True))
 
     def _mark_unsynced(self, encs: Sequence[bytes]) -> None:
         for e in encs:
@@ -482,7 +558,7 @@ class TableCache:
         if remote is None or bloom is None:
             return False
         bits_key, meta_key = self._snapshot_keys
-        res = await remote._call(lambda: remote.client.hgetall(meta_key))
+        res = await remote.call(lambda: remote.client.hgetall(meta_key))
         if res is UNAVAILABLE or not res:
             return False
         # Redis contents are untrusted: a snapshot that does not parse, or whose bits are not
@@ -497,7 +573,7 @@ class TableCache:
             return False
         if capacity != bloom.capacity or error_rate != bloom.error_rate:
             return False
-        data = await remote._call(lambda: remote.client.get(bits_key))
+        data = await remote.call(lambda: remote.client.get(bits_key))
         if data is UNAVAILABLE or data is None:
             return False
         if type(data) is not bytes or len(data) != bloom.byte_size or not count >= 0 or generation < 0:
@@ -558,9 +634,9 @@ class TableCache:
             return
         self.bloom_ready = False
         if self._rebuilding is None or self._rebuilding.done():
-            self._rebuilding = asyncio.ensure_future(self._rebuild())
+            self._rebuilding = asyncio.ensure_future(self.rebuild())
 
-    async def _rebuild(self) -> None:
+    async def rebuild(self) -> None:
         try:
             await self.warm_bloom()
         except Exception as exc:  # the filter stays distrusted: reads go to the database
@@ -590,8 +666,10 @@ class CacheRuntime:
         resync_interval: float = 1.0,
         max_keys_per_message: int = 1000,
         signing_key: str | None = None,
+        events: Events | None = None,
     ) -> None:
-        """``clock``: every time read and sleep of the cache (L1 expiry, the breaker,
+        """``events``: the hub the caches' decisions are reported to (:mod:`dal.events`).
+        ``clock``: every time read and sleep of the cache (L1 expiry, the breaker,
         lease waits, retries, resyncs, version and message times) goes through it; a
         :class:`~dal.clock.Clock`, or a monotonic time source that, with the wall-clock
         source ``wall``, makes a :class:`~dal.clock.SystemClock` (the default: the
@@ -604,6 +682,7 @@ class CacheRuntime:
 
         self.clock: Clock = as_clock(clock, wall)
         self.rng = rng or random.Random()
+        self.events = events if events is not None else Events()
         self.tables: dict[str, TableCache] = {}
         self.retry = RetryQueue(clock=self.clock)
         self._background: set[asyncio.Task[Any]] = set()
@@ -623,13 +702,14 @@ class CacheRuntime:
                 self._client = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
             breaker = Breaker(
                 "redis", failures=breaker_failures, reset=breaker_reset, clock=self.clock.monotonic,
-                on_close=self.redis_returned,
+                on_close=self.redis_returned, events=self.events,
             )  # fmt: skip
             self.remote = RemoteCache(self._client, breaker, cluster=cluster)
             self.bus = InvalidationBus(
                 self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout,
                 cluster=cluster, clock=self.clock, resync_interval=resync_interval,
                 max_keys=max_keys_per_message, signing_key=None if signing_key is None else signing_key.encode(),
+                events=self.events,
             )  # fmt: skip
 
     @staticmethod
@@ -688,7 +768,7 @@ class CacheRuntime:
             await self.bus.start()
         # A filter that cannot be warmed (table missing, database down) stays
         # distrusted: reads go to the database until a later rebuild succeeds.
-        await asyncio.gather(*(t._rebuild() for t in self.tables.values()))
+        await asyncio.gather(*(t.rebuild() for t in self.tables.values()))
 
     async def aclose(self) -> None:
         if self._background:

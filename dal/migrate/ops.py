@@ -171,7 +171,8 @@ class Operations:
     def add_column(self, table: str, column: sa.Column[Any]) -> None:
         for p in self._placements(table):
             cap = self._captures[p.database]
-            cap.op.add_column(p.table, column._copy())
+            # (Column.copy() is deprecated in favour of this; SQLAlchemy's own DDL uses it)
+            cap.op.add_column(p.table, column._copy())  # noqa: SLF001
             self._add(p, cap.take(), f"add column {p.table}.{column.name}", Probe("column", p.table, column.name, True))
 
     def drop_column(self, table: str, column_name: str) -> None:

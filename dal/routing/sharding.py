@@ -26,6 +26,8 @@ A Go service reproduces this with integer arithmetic: ``db := slot * m / n``.
 
 from __future__ import annotations
 
+import collections
+import operator
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -111,6 +113,13 @@ def int_slot(key: int, slots: int) -> int:
     """:meth:`Sharder.slot` of an ``int`` key (not a bool), without the type dispatch: its
     bytes are its decimal digits, as :func:`encode_key` encodes it."""
     return zlib.crc32(b"%d" % key) % slots
+
+
+def by_slot(slots: list[int], n: int, values: Iterable[Any]) -> list[list[Any]]:
+    """``values`` split into ``n`` lists by their slot, in order (a C-level loop: no per-row bytecode)."""
+    out: list[list[Any]] = [[] for _ in range(n)]
+    collections.deque(map(operator.call, map([o.append for o in out].__getitem__, slots), values), maxlen=0)
+    return out
 
 
 def contiguous_slot_map(slots: int, databases: Sequence[str]) -> tuple[str, ...]:

@@ -243,8 +243,8 @@ async def test_cluster_lease_and_stale_fill_rejected(
         loaded, release = asyncio.Event(), asyncio.Event()
         load_row = ra._load_row
 
-        async def slow_load(kv: tuple[Any, ...], primary: bool, slot: int) -> dict[str, Any] | None:
-            row = await load_row(kv, primary, slot)
+        async def slow_load(key: Any, primary: bool) -> dict[str, Any] | None:
+            row = await load_row(key, primary)
             loaded.set()
             await release.wait()
             return row

@@ -632,9 +632,9 @@ class PausedLoad:
         real = Repository._load_row
         pauser = self
 
-        async def load_row(self: Repository[Any], kv: tuple[Any, ...], primary: bool, slot: int) -> Any:
-            row = await real(self, kv, primary, slot)
-            if self._layer is layer and pauser.armed:
+        async def load_row(self: Repository[Any], key: Any, primary: bool) -> Any:
+            row = await real(self, key, primary)
+            if self.binding.cluster is layer.cluster and pauser.armed:
                 pauser.armed = False
                 pauser.read_done.set()
                 await pauser.release.wait()

@@ -272,7 +272,7 @@ async def test_a_str_or_mapping_is_not_a_collection(vlay: DataLayer, raw: Raw, i
         with pytest.raises(ValidationError) as ei:
             await call()
         assert f"skeys: {arg} must be a collection" in str(ei.value), str(ei.value)
-    planner = BatchPlanner(repo)
+    planner = BatchPlanner(repo.binding)
     for op in ("insert", "upsert", "update", "delete"):
         with pytest.raises(ValidationError):
             planner.plan(op, items, 10)  # type: ignore[arg-type]

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from dal.backends.copytext import text_forms, text_lines, text_payload
-from dal.batch import _by_slot, _LiveTextSource, _TextFeed, _TextSource
+from dal.backends.pg_copy import LiveTextSource, TextFeed, TextSource
+from dal.routing.sharding import by_slot
 
 
 def render(columns: list[list[Any]]) -> list[str] | None:
@@ -56,7 +57,7 @@ def test_payload_is_newline_terminated_utf8() -> None:
 
 
 def test_by_slot_keeps_order() -> None:
-    assert _by_slot([2, 0, 2, 1, 0], 4, "abcde") == [["b", "e"], ["d"], ["a", "c"], []]
+    assert by_slot([2, 0, 2, 1, 0], 4, "abcde") == [["b", "e"], ["d"], ["a", "c"], []]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
@@ -64,24 +65,24 @@ def test_by_slot_keeps_order() -> None:
 def test_source_hands_each_batch_exactly_its_rows(
     chunk: int, batch_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_TextSource, "CHUNK", chunk)
+    monkeypatch.setattr(TextSource, "CHUNK", chunk)
     ids = list(range(1, 48))
     names = [f"n{i}" for i in ids]
     slots = [zlib.crc32(str(i).encode()) % 4 for i in ids]
-    per_slot = _by_slot(slots, 4, ids)
-    feeds: dict[int, list[_TextFeed]] = {}
-    expected: list[tuple[_TextFeed, list[int]]] = []
+    per_slot = by_slot(slots, 4, ids)
+    feeds: dict[int, list[TextFeed]] = {}
+    expected: list[tuple[TextFeed, list[int]]] = []
     for slot, keys in enumerate(per_slot):
         for s in range(0, len(keys), batch_size):
-            feed = _TextFeed(len(keys[s : s + batch_size]))
+            feed = TextFeed(len(keys[s : s + batch_size]))
             feeds.setdefault(slot, []).append(feed)
             expected.append((feed, keys[s : s + batch_size]))
     columns: list[list[Any]] = [ids, names]
     forms = text_forms(columns)
     assert forms is not None
-    _TextSource(columns, forms, slots, batch_size, feeds)
+    TextSource(columns, forms, slots, batch_size, feeds)
 
-    async def drain(feed: _TextFeed) -> list[str]:
+    async def drain(feed: TextFeed) -> list[str]:
         return [line for chunk in [bytes(c).decode() async for c in feed] for line in chunk.splitlines()]
 
     async def main() -> None:
@@ -102,19 +103,19 @@ def test_live_source_cuts_the_same_batches_as_the_planner(
     batches of batch_size in the caller's order (as the eager planner cuts them),
     each batch opened when its first row comes, holding exactly its rows and keys,
     and closed once full or once every row is rendered."""
-    monkeypatch.setattr(_TextSource, "CHUNK", chunk)
+    monkeypatch.setattr(TextSource, "CHUNK", chunk)
     ids = list(range(1, 48))
     names = [f"n{i}" for i in ids]
-    per_slot = _by_slot([zlib.crc32(str(i).encode()) % 4 for i in ids], 4, ids)
+    per_slot = by_slot([zlib.crc32(str(i).encode()) % 4 for i in ids], 4, ids)
     expected = [(slot, keys[s : s + batch_size]) for slot, keys in enumerate(per_slot) for s in range(0, len(keys), batch_size)]
     columns: list[list[Any]] = [ids, names]
     forms = text_forms(columns)
     assert forms is not None
-    source = _LiveTextSource(columns, forms, batch_size, 0, ids, 4)
+    source = LiveTextSource(columns, forms, batch_size, 0, ids, 4)
     opened: list[tuple[int, Any]] = []
 
     def open_batch(slot: int) -> Any:
-        feed = _TextFeed(0)
+        feed = TextFeed(0)
         feed.closed = False
         feed.source = source
         b = SimpleNamespace(keys=[], text=feed)
@@ -123,7 +124,7 @@ def test_live_source_cuts_the_same_batches_as_the_planner(
 
     source.open_batch = open_batch
 
-    async def drain(feed: _TextFeed) -> list[str]:
+    async def drain(feed: TextFeed) -> list[str]:
         return [line for chunk in [bytes(c).decode() async for c in feed] for line in chunk.splitlines()]
 
     async def main() -> None:

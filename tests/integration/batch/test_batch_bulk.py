@@ -548,16 +548,17 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
     batches of one database send their rows at a time, the databases at the same time;
     a batch waiting for its COMMIT does not hold up the next. (SQLite has one writer:
     a second batch waits at BEGIN IMMEDIATE until the first has committed.)"""
-    from dal.batch import BatchPlanner, _Streams
+    from dal.batch.dialects import BatchSql
+    from dal.batch.running import BatchRunner, _Streams
 
     sending: dict[str, int] = dict.fromkeys(DBS, 0)
     most: dict[str, int] = dict.fromkeys(DBS, 0)
     both = [0]
     committing: dict[str, int] = dict.fromkeys(DBS, 0)
     busy = [0]  # most batches of one database sending or committing at once
-    apply, commit = BatchPlanner._apply, BatchPlanner._commit
+    apply, commit = BatchSql.apply, BatchRunner._commit
 
-    async def spy_apply(self: BatchPlanner, op: Any, conn: Any, node: Any, b: Any) -> int:
+    async def spy_apply(self: BatchSql, op: Any, conn: Any, node: Any, b: Any) -> int:
         db = b.target.database
         sending[db] += 1
         most[db] = max(most[db], sending[db])
@@ -569,7 +570,7 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
         finally:
             sending[db] -= 1
 
-    async def spy_commit(self: BatchPlanner, conn: Any, node: Any, op: Any, batches: Any) -> None:
+    async def spy_commit(self: BatchRunner, conn: Any, node: Any, op: Any, batches: Any) -> None:
         db = batches[0].target.database
         committing[db] += 1
         try:
@@ -585,8 +586,8 @@ async def test_at_most_two_batches_in_flight_per_shard_database(
         start(self, db)
         tasks[0] = max(tasks[0], len(self.running))
 
-    monkeypatch.setattr(BatchPlanner, "_apply", spy_apply)
-    monkeypatch.setattr(BatchPlanner, "_commit", spy_commit)
+    monkeypatch.setattr(BatchSql, "apply", spy_apply)
+    monkeypatch.setattr(BatchRunner, "_commit", spy_commit)
     monkeypatch.setattr(_Streams, "_start", spy_start)
     ids = list(range(1, 2001))
     res = await lay.repository("users").insert_many([user(i) for i in ids], batch_size=50)

@@ -23,7 +23,8 @@ from sqlalchemy.engine import make_url
 from dal import ConnectionUnavailableError, DataLayer
 from dal.backends.mysql import MySQLConnection
 from dal.backends.postgres import PostgresConnection
-from dal.batch import BatchPlanner, BatchResult, CommitUnknownError
+from dal.batch import BatchResult, CommitUnknownError
+from dal.batch.in_doubt import PrimaryLookups
 from tests.batch_support import TABLES, Raw, ids_on
 from tests.conftest import topology, users_orders_metadata
 from tests.replication import MariaDBReplicaSet, PgReplicaSet
@@ -72,14 +73,14 @@ async def test_primary_killed_mid_batch(
     rs, urls = killable
     # Count the COMMITs cut off by the kill whose outcome had to be looked up.
     in_doubt: list[bool] = []
-    check = BatchPlanner._committed_after_all
+    check = PrimaryLookups.committed_after_all
 
-    async def counted(self: BatchPlanner, *args: Any) -> bool:
+    async def counted(self: PrimaryLookups, *args: Any) -> bool:
         found = await check(self, *args)
         in_doubt.append(found)
         return found
 
-    monkeypatch.setattr(BatchPlanner, "_committed_after_all", counted)
+    monkeypatch.setattr(PrimaryLookups, "committed_after_all", counted)
     cfg = topology(urls, TABLES, in_doubt_timeout=IN_DOUBT_TIMEOUT)
     cfg["pool"].update(connect_timeout=3.0, acquire_timeout=20.0)
     layer = DataLayer(cfg, users_orders_metadata(), env={})

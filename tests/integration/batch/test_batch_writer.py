@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from dal import DalError, DataLayer, DuplicateKeyError, UnknownColumnError, ValidationError
-from dal import batch as batch_mod
 from dal.batch import BatchWriter
+from dal.batch import writer as batch_mod
 from tests.batch_support import SHARDS, Raw, db_of_slot, expected_batches, slot_of
 
 
@@ -85,7 +85,7 @@ async def test_one_duplicate_fails_only_its_caller(lay: DataLayer, raw: Raw) -> 
 class Pending:
     """Rows a writer holds (accepted, not yet committed or failed), and the peak.
 
-    Counts the writer's per-row records (``dal.batch._Pending``) from creation to
+    Counts the writer's per-row records (``dal.batch.writer._Pending``) from creation to
     the settling of their future, whatever queue or batch they sit in."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,13 +111,13 @@ async def test_backpressure_bounds_pending_rows(lay: DataLayer, raw: Raw, monkey
     pending = Pending(monkeypatch)
     w = users.writer(max_rows=4, max_delay=0.001, max_pending=10)
     gate = asyncio.Event()
-    original = w._planner.execute
+    original = w._runner.execute
 
     async def gated(op: Any, b: Any) -> int:
         await gate.wait()
         return await original(op, b)
 
-    w._planner.execute = gated  # type: ignore[method-assign]
+    w._runner.execute = gated  # type: ignore[method-assign]
     tasks = [asyncio.create_task(w.insert(user(i))) for i in range(1, 101)]
     await asyncio.sleep(0.2)
     # Nothing can commit: exactly 10 rows accepted, the other 90 callers blocked.

@@ -617,7 +617,8 @@ async def test_copy_streams_start_before_the_text_is_rendered(
     """The text is rendered a chunk at a time as the COPYs pull it; every stream a
     call may run at once (2 per shard database) begins while rows are still being
     rendered, instead of waiting for the first COPY to render them all."""
-    from dal.batch import STREAMS_PER_DATABASE, _TextSource
+    from dal.backends.pg_copy import TextSource
+    from dal.batch import STREAMS_PER_DATABASE
 
     started_at: list[int] = []  # rows rendered when each COPY began
     real = PostgresConnection.copy_text
@@ -632,7 +633,7 @@ async def test_copy_streams_start_before_the_text_is_rendered(
     warm = num_rows(range(1_000_001, 1_000_401))
     assert_ok(await nums.insert_many(warm, batch_size=10), len(warm))
     monkeypatch.setattr(PostgresConnection, "copy_text", spy)
-    ids = list(range(1, 5 * _TextSource.CHUNK + 1))
+    ids = list(range(1, 5 * TextSource.CHUNK + 1))
     rows = num_rows(ids)
     res = await nums.insert_many(rows)
     assert_ok(res, len(rows))
@@ -651,9 +652,9 @@ async def test_a_batch_cut_off_mid_copy_reports_all_its_keys(
     table of each row is worked out a chunk at a time). A COPY cut off after its
     first chunk (the connection lost) still reports every key of its batch as
     failed: every row ends up either committed or reported failed, none both."""
-    from dal.batch import _TextSource
+    from dal.backends.pg_copy import TextSource
 
-    monkeypatch.setattr(_TextSource, "CHUNK", 4)  # 500 chunks: the cut comes long before the last
+    monkeypatch.setattr(TextSource, "CHUNK", 4)  # 500 chunks: the cut comes long before the last
     victim = 3  # the physical table whose COPY is cut off
     real = PostgresConnection.copy_text
 
@@ -687,9 +688,9 @@ async def test_a_cancelled_load_leaves_no_batch_running(clay: DataLayer, raw: Ra
     """Cancelling insert_many while its batches are sending returns only once they
     are over (as a gather of them would): nothing of the call is left running, no
     connection is left in a transaction, and nothing of it is committed."""
-    from dal.batch import _TextSource
+    from dal.backends.pg_copy import TextSource
 
-    monkeypatch.setattr(_TextSource, "CHUNK", 256)
+    monkeypatch.setattr(TextSource, "CHUNK", 256)
     sending = asyncio.Event()
     real = PostgresConnection.copy_text
 
