@@ -20,6 +20,7 @@ def connector_for(spec: NodeSpec) -> Connector:
     try:
         if spec.backend == "postgresql":
             from . import postgres as mod
+            from .postgres import connector as postgres_connector
         elif spec.backend == "mysql":
             from . import mysql as mod  # type: ignore[no-redef]
         else:
@@ -29,6 +30,9 @@ def connector_for(spec: NodeSpec) -> Connector:
             f"{spec.name}.dsn",
             f"the {spec.backend} driver is not installed: pip install 'dal[{extra}]' ({exc})",
         ) from exc
+
+    if spec.backend == "postgresql":
+        return postgres_connector(spec)
 
     async def connect() -> Connection:
         return await mod.connect(spec)

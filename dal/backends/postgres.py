@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -422,8 +422,22 @@ class _Driver(asyncpg.Connection):  # type: ignore[misc]
         return await super()._introspect_types(typeoids, timeout)
 
 
-async def connect(spec: NodeSpec) -> PostgresConnection:
-    """Connect to ``spec``'s server; the DSN's query arguments are sorted as the module docstring says."""
+def connector(spec: NodeSpec) -> Callable[[], Awaitable[PostgresConnection]]:
+    """Open pool connections to ``spec``. The first asks the server whether JIT is on for
+    its sessions (see :class:`_Driver`); the others take its answer (same DSN, same
+    settings) instead of a round trip of their own."""
+    jit: list[bool] = []
+
+    async def connect_one() -> PostgresConnection:
+        return await connect(spec, jit=jit)
+
+    return connect_one
+
+
+async def connect(spec: NodeSpec, *, jit: list[bool] | None = None) -> PostgresConnection:
+    """Connect to ``spec``'s server; the DSN's query arguments are sorted as the module docstring
+    says. ``jit``: where the session's JIT setting is kept once known (a side connection,
+    which runs only dal's own fixed statements, passes none)."""
     url = spec.dsn.url
     query = {str(k): str(v) for k, v in url.query.items()}  # single values: the DSN refuses repeated ones
     options = {k: query.pop(k) for k in list(query) if k in PG_CONNECT_ARGUMENTS}
@@ -468,6 +482,9 @@ async def connect(spec: NodeSpec) -> PostgresConnection:
     await conn.set_type_codec(
         "jsonb", encoder=_jsonb_encode, decoder=_jsonb_decode, schema="pg_catalog", format="binary"
     )
-    conn.dal_jit = await conn.fetchval("SELECT current_setting('jit', true)") not in (None, "off")
+    if jit is not None:
+        if not jit:
+            jit.append(await conn.fetchval("SELECT current_setting('jit', true)") not in (None, "off"))
+        conn.dal_jit = jit[0]
     conn.dal_sent = 0  # (the statements above are the connection's setup, not work)
     return PostgresConnection(conn, spec)
