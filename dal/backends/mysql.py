@@ -27,9 +27,11 @@ query argument that could change this (:class:`~dal.config.DSN`: only
 Errors: server errors (codes outside the client range 2000-2999) are a
 :class:`~dal.errors.QueryError` subclass; a CHECK constraint violation (MariaDB
 4025, MySQL 3819) an :class:`~dal.errors.IntegrityError`; a statement larger
-than the server's ``max_allowed_packet`` a :class:`~dal.errors.DataError` (the
-server rejects it before running it and closes the connection, which is then
-discarded); a str value the connection cannot encode (a lone surrogate) a
+than the server's ``max_allowed_packet`` (read at connect) a
+:class:`~dal.errors.DataError` raised before it is sent (the server would reject
+it by closing the connection, and its answer can be lost in a reset while the
+statement is still being written; if the limit shrank since, the server's
+refusal is mapped to the same error and the connection discarded); a str value the connection cannot encode (a lone surrogate) a
 :class:`~dal.errors.DataError`, raised before anything is sent.
 """
 
@@ -158,11 +160,24 @@ class MySQLConnection:
     would still run.
     """
 
-    __slots__ = ("_conn", "_cur", "_deadline", "_in_tx", "_node", "_spec", "_tx_sent", "broken", "created_at",
+    __slots__ = ("_conn", "_cur", "_deadline", "_in_tx", "_max_statement", "_node", "_spec", "_tx_sent", "broken", "created_at",
                  "last_used", "unsettled")
 
-    def __init__(self, conn: aiomysql.Connection, cursor: aiomysql.Cursor, spec: NodeSpec, *, server_timeout: bool) -> None:
+    def __init__(
+        self,
+        conn: aiomysql.Connection,
+        cursor: aiomysql.Cursor,
+        spec: NodeSpec,
+        *,
+        server_timeout: bool,
+        max_packet: int = 1 << 30,
+    ) -> None:
         self._conn = conn
+        # The server's max_allowed_packet, less room for the packet header: a statement
+        # bigger than that is refused before it is sent (the server would answer it by
+        # closing the connection, and the answer can be lost in a reset while the rest
+        # of the statement is still being written).
+        self._max_statement = max_packet - 64
         self._cur = cursor
         self._spec = spec
         self._node = spec.name
@@ -203,6 +218,7 @@ class MySQLConnection:
             raise
 
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
+        self._check_size(sql, params)
         try:
             async with asyncio.timeout(self._deadline):
                 return int(await self._cur.execute(sql, params or None))
@@ -215,6 +231,8 @@ class MySQLConnection:
             raise
 
     async def execute_many(self, sql: str, params: Sequence[Sequence[Any]]) -> int:
+        for row in params:
+            self._check_size(sql, row)
         try:
             async with asyncio.timeout(self._deadline):
                 await self._cur.executemany(sql, params)
@@ -270,6 +288,25 @@ class MySQLConnection:
             raise
         finally:
             self._in_tx = False
+
+    def _check_size(self, sql: str, params: Sequence[Any]) -> None:
+        """A :class:`~dal.errors.DataError` for a statement larger than the server takes.
+
+        Cheap for every statement (a sum of lengths); the exact size (the statement as
+        it will be sent: values escaped, UTF-8) is computed only when that sum says it
+        could be too large (a character takes at most 4 bytes, escaped at most 8)."""
+        rough = len(sql)
+        for p in params:
+            if type(p) is str or type(p) is bytes:
+                rough += len(p)
+        if rough * 8 < self._max_statement:
+            return
+        size = len(self._cur.mogrify(sql, params or None).encode("utf-8", "surrogateescape"))
+        if size > self._max_statement:
+            raise DataError(
+                f"{self._node}: the statement is {size} bytes, larger than the server's max_allowed_packet "
+                f"({self._max_statement + 64} bytes); it was not sent"
+            )
 
     @property
     def cursor(self) -> aiomysql.Cursor:
@@ -358,7 +395,7 @@ def _session_problem(row: Sequence[Any] | None, conn: aiomysql.Connection) -> st
         return f"sql_mode still has NO_BACKSLASH_ESCAPES ({row[0]})"
     if "STRICT_ALL_TABLES" not in modes:
         return f"sql_mode lacks STRICT_ALL_TABLES ({row[0]})"
-    for name, value in zip(("character_set_client", "character_set_connection", "character_set_results"), row[1:], strict=True):
+    for name, value in zip(("character_set_client", "character_set_connection", "character_set_results"), row[1:4], strict=True):
         if str(value).lower() != MYSQL_CHARSET:
             return f"{name} is {value}, not {MYSQL_CHARSET}"
     if conn.charset != MYSQL_CHARSET:
@@ -393,7 +430,8 @@ async def connect(spec: NodeSpec) -> MySQLConnection:
                 await cursor.execute(stmt)
             await cursor.execute(
                 "SELECT @@SESSION.sql_mode, @@SESSION.character_set_client, "
-                "@@SESSION.character_set_connection, @@SESSION.character_set_results"
+                "@@SESSION.character_set_connection, @@SESSION.character_set_results, "
+                "@@SESSION.max_allowed_packet"
             )
             row = await cursor.fetchone()
             problem = _session_problem(row, conn)
@@ -412,4 +450,7 @@ async def connect(spec: NodeSpec) -> MySQLConnection:
         if not isinstance(err, ConnectionUnavailableError):
             err = ConnectionUnavailableError(f"{spec.name}: cannot connect: {exc}")
         raise err from exc
-    return MySQLConnection(conn, cursor, spec, server_timeout="mariadb" in conn.get_server_info().lower())
+    assert row is not None
+    return MySQLConnection(
+        conn, cursor, spec, server_timeout="mariadb" in conn.get_server_info().lower(), max_packet=int(row[4])
+    )

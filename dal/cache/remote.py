@@ -126,7 +126,20 @@ def parse_version(raw: bytes | None) -> tuple[bytes, int | None] | None:
 class RemoteCache:
     """L2 operations on one Redis client, each guarded by the breaker."""
 
-    def __init__(self, client: Any, breaker: Breaker, *, cluster: bool = False, max_inflight: int = 64) -> None:
+    def __init__(
+        self,
+        client: Any,
+        breaker: Breaker,
+        *,
+        cluster: bool = False,
+        max_inflight: int = 64,
+        timeout: float | None = None,
+    ) -> None:
+        """``timeout``: the bound on each call (every command, pipeline or script of one
+        operation), enforced here with ``asyncio.timeout`` rather than by the client's
+        ``socket_timeout``, which would wrap every socket write in ``asyncio.wait_for`` (a
+        task and an event-loop pass per command). A call cut off this way is a failure
+        (the breaker counts it) and the client drops the connection it was using."""
         from redis.exceptions import RedisError
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -138,15 +151,20 @@ class RemoteCache:
         self._release = client.register_script(_RELEASE)
         self._save_bloom = client.register_script(_SAVE_BLOOM)
         self._inflight = asyncio.Semaphore(max_inflight)
+        self.timeout = timeout
+        # Bloom snapshots move the whole filter in one call: more time, still bounded.
+        self.bulk_timeout = None if timeout is None else max(2.0, 8 * timeout)
         self.errors = 0
         self.fills = 0
         self.rejected_fills = 0
 
-    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def call(self, fn: Callable[[], Awaitable[Any]], *, bulk: bool = False) -> Any:
+        """``fn()`` within the call timeout (``bulk``: the longer one), or :data:`UNAVAILABLE`
+        when Redis failed, timed out or its breaker is open."""
         if not self.breaker.allow():
             return UNAVAILABLE
         try:
-            async with self._inflight:
+            async with self._inflight, asyncio.timeout(self.bulk_timeout if bulk else self.timeout):
                 result = await fn()
         except self._errors as exc:
             self.errors += 1
@@ -274,7 +292,8 @@ class RemoteCache:
         res = await self.call(
             lambda: self._save_bloom(
                 keys=[bits_key, meta_key, bits_key + ":scratch"], args=[data, capacity, error_rate, count, generation]
-            )
+            ),
+            bulk=True,
         )
         return res is not UNAVAILABLE
 

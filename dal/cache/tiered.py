@@ -558,7 +558,7 @@ class TableCache:
         if remote is None or bloom is None:
             return False
         bits_key, meta_key = self._snapshot_keys
-        res = await remote.call(lambda: remote.client.hgetall(meta_key))
+        res = await remote.call(lambda: remote.client.hgetall(meta_key), bulk=True)
         if res is UNAVAILABLE or not res:
             return False
         # Redis contents are untrusted: a snapshot that does not parse, or whose bits are not
@@ -573,7 +573,7 @@ class TableCache:
             return False
         if capacity != bloom.capacity or error_rate != bloom.error_rate:
             return False
-        data = await remote.call(lambda: remote.client.get(bits_key))
+        data = await remote.call(lambda: remote.client.get(bits_key), bulk=True)
         if data is UNAVAILABLE or data is None:
             return False
         if type(data) is not bytes or len(data) != bloom.byte_size or not count >= 0 or generation < 0:
@@ -699,12 +699,14 @@ class CacheRuntime:
             else:
                 from redis.asyncio import Redis
 
-                self._client = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+                # No socket_timeout (redis-py's default is 5 s): RemoteCache bounds each call
+                # itself (see there).
+                self._client = Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=timeout)
             breaker = Breaker(
                 "redis", failures=breaker_failures, reset=breaker_reset, clock=self.clock.monotonic,
                 on_close=self.redis_returned, events=self.events,
             )  # fmt: skip
-            self.remote = RemoteCache(self._client, breaker, cluster=cluster)
+            self.remote = RemoteCache(self._client, breaker, cluster=cluster, timeout=timeout)
             self.bus = InvalidationBus(
                 self._bus_client(redis_url, cluster, timeout), channel, on_gap=self.on_gap, timeout=timeout,
                 cluster=cluster, clock=self.clock, resync_interval=resync_interval,

@@ -138,20 +138,36 @@ async def test_crafted_values_are_stored_verbatim_under_no_backslash_escapes(
     assert (row[1], row[2]) == ("utf8mb4", "utf8mb4")
 
 
-async def test_oversized_statement_is_a_data_error_and_the_connection_is_discarded(
+async def test_oversized_statement_is_a_data_error_and_the_connection_is_kept(
     odd_mariadb: MariaDBReplicaSet, odd_notes: DataLayer
 ) -> None:
     notes = odd_notes.repository("notes")
     await notes.insert({"id": 1, "name": "n1", "data": b"x"})
     pool = odd_notes.cluster.primary("db0").pool
+    size_before = pool.size
     for size in (2 << 20, 17 << 20):  # one packet / several packets (over 16 MiB)
         with pytest.raises(DataError, match="max_allowed_packet") as ei:
             await notes.update(1, {"data": b"y" * size})
-        assert isinstance(ei.value.__cause__, pymysql.err.MySQLError)
-        assert pool.size == 0  # the server closed it: discarded, not pooled
-        # MariaDB rejects the packet before running anything: the row is unchanged.
+        # Measured against the server's max_allowed_packet (read at connect) and refused
+        # before it is sent: the server would close the connection, and its answer can be
+        # lost in a reset while the statement is still being written.
+        assert "was not sent" in str(ei.value) and ei.value.__cause__ is None
+        assert pool.size == size_before  # nothing was sent: the connection is kept
         assert _raw_rows(odd_mariadb) == [(1, "n1", "78")]
         assert await stored(notes, "data") == b"x"
+    assert await notes.update(1, {"data": b"z"}) is True  # and the connection works
+
+
+def test_the_server_refusing_a_packet_maps_to_a_data_error() -> None:
+    """Behind the size check (a server whose limit shrank after connect): ER_NET_PACKET_TOO_LARGE
+    and aiomysql's early-answer error are DataErrors naming max_allowed_packet."""
+    from dal.backends.mysql import map_error
+
+    too_large = pymysql.err.OperationalError(1153, "Got a packet bigger than 'max_allowed_packet' bytes")
+    early = pymysql.err.InternalError("Packet sequence number wrong - got 1 expected 5")
+    for exc in (too_large, early):
+        err = map_error(exc, "db0.primary")
+        assert isinstance(err, DataError) and "max_allowed_packet" in str(err)
 
 
 async def test_mysql_check_constraint_and_unencodable_str(odd_mariadb: MariaDBReplicaSet, odd_notes: DataLayer) -> None:

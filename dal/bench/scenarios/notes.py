@@ -24,8 +24,10 @@ def notes_for(t: Timing, o: SuiteOptions, names: Sequence[str]) -> list[str]:
         "loop as dal's awaited repo.get; vs_net takes the loop's own time per op (loop_overhead_ns: the "
         "same loop calling the builtin id) off both sides, and the targets are judged on vs_net",
         "get.l2_hit: l1_max_size=1 and the distinct keys in a shuffled cycle, so every read misses L1 and "
-        "is answered by one Redis MGET (row + version key); redis.get: await client.get(k) of the same "
-        "Redis key (same bytes) + dal's msgpack decode, redis-py default client",
+        "is answered by one Redis GET of the row (validated, then filled into L1); redis.get: await "
+        "client.get(k) of the same Redis key (same bytes) + dal's msgpack decode, redis-py default client "
+        "(socket_timeout 5 s, which wraps each send in asyncio.wait_for; dal's client has none and bounds "
+        "each call with asyncio.timeout instead)",
         f"stampede: {SCENARIOS['stampede'].concurrency} concurrent repo.get of one key made cold "
         f"(untimed) before each of {t.rounds} bursts (+1 warm-up); db_queries = the worst burst's "
         "statements (node counters); latencies run from the burst's start",
