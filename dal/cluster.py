@@ -115,14 +115,14 @@ class Node:
                 self.observer(self, sql)
             return await conn.fetch_one(sql, params)
 
-    async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        async with Session(self, "read", True) as conn:
+    async def fetch_all(self, sql: str, params: Sequence[Any], *, purpose: str = "read") -> list[Row]:
+        async with Session(self, purpose, True) as conn:
             if self.observer is not None:
                 self.observer(self, sql)
             return await conn.fetch_all(sql, params)
 
-    async def execute(self, sql: str, params: Sequence[Any]) -> int:
-        async with Session(self, "write", True) as conn:
+    async def execute(self, sql: str, params: Sequence[Any], *, purpose: str = "write") -> int:
+        async with Session(self, purpose, True) as conn:
             if self.observer is not None:
                 self.observer(self, sql)
             try:

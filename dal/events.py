@@ -68,7 +68,8 @@ class QueryFinished:
     of a transaction that sent nothing, 2 for the first statement of a transaction
     (its BEGIN goes with it), n for an ``execute_many`` the driver ran as n statements.
     ``purpose`` is the work the connection was taken for ("read", "write",
-    "transaction", "batch", "in-doubt", "scan").
+    "transaction", "batch", "in-doubt" (a COMMIT's outcome looked up), "scan" (the
+    Bloom filter's key scan), "ddl" (``create_all``/``drop_all``)).
     """
 
     kind: ClassVar[Kind] = "query"

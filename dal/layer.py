@@ -240,7 +240,7 @@ class DataLayer:
                     values: dict[str, Any] = {"lim": batch}
                     if after is not None:
                         values.update({f"a{i}": v for i, v in enumerate(after)})
-                    rows = await node.fetch_all(c.sql, c.params(values))
+                    rows = await node.fetch_all(c.sql, c.params(values), purpose="scan")
                     for r in rows:
                         yield tuple(r)
                     if len(rows) < batch:
@@ -310,7 +310,7 @@ class DataLayer:
         async def run(db: str, stmts: list[str]) -> None:
             node = self.cluster.primary(db)
             for stmt in stmts:
-                await node.execute(stmt, ())
+                await node.execute(stmt, (), purpose="ddl")
 
         await asyncio.gather(*(run(db, stmts) for db, stmts in ddl.items()))
 

@@ -648,3 +648,25 @@ async def test_a_checkout_that_waits_emits_pool_wait(shard_urls: list[str]) -> N
         assert wait.seconds >= 0
         assert [e.outcome for e in queries if isinstance(e, QueryFinished)] == ["ok"] * 3
         assert len(queries) == 3
+
+
+async def test_bloom_key_scans_and_ddl_go_through_the_seam(tmp_path: Path) -> None:
+    """The Bloom filter's warm-up scan and create_all/drop_all are statements like any
+    other: reported, with their purpose."""
+    urls = [f"sqlite+aiosqlite:///{tmp_path}/scan{i}.sqlite3" for i in range(2)]
+    cfg = topology(urls, {"items": {"shard_key": "id", "table_shards": TABLE_SHARDS}})
+    async with DataLayer(cfg, items_metadata(), env={}) as plain:
+        await plain.create_all()
+        assert (await plain.repository("items").insert_many([item(i) for i in range(1, 31)])).committed == 30
+    cached = topology(urls, {"items": {"shard_key": "id", "table_shards": TABLE_SHARDS, "cache": {"bloom": True}}})
+    layer = DataLayer(cached, items_metadata(), env={})
+    seen: list[QueryFinished] = []
+    layer.listen(seen.append, "query")  # type: ignore[arg-type]
+    async with layer:
+        cache = layer.cache_of("items")
+        assert cache is not None and cache.bloom_ready
+        scans = [e for e in seen if e.purpose == "scan"]
+        assert len(scans) >= TABLE_SHARDS and all(e.operation == "fetch" and e.outcome == "ok" for e in scans)
+        seen.clear()
+        await layer.drop_all()
+        assert {e.purpose for e in seen} == {"ddl"} and len(seen) >= TABLE_SHARDS
