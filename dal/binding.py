@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dal.cluster import Cluster, Node
+from dal.cluster import Cluster
 from dal.events import Events
 from dal.routing.router import Role, Router, Target
-from dal.schema import Key, LogicalTable
-from dal.sql import Statements
+from dal.schema import LogicalTable
+from dal.sql import Compiled, Statements
 
 if TYPE_CHECKING:
     from dal.cache.tiered import CacheRuntime, TableCache
@@ -54,11 +54,21 @@ class TableBinding:
     clock: Callable[[], float]
     bind: Callable[[str], TableBinding]
 
-    def targets(self, role: Role) -> tuple[Target, ...]:
-        """The target of every physical table (by slot) for ``role``."""
-        return self.primary_targets if role is Role.PRIMARY else self.replica_targets
+    def key_queries(
+        self, key_values: Iterable[tuple[Any, ...]], role: Role
+    ) -> list[tuple[Target, Compiled, tuple[Any, ...]]]:
+        """The lookups of rows by validated primary keys (column-value tuples): one
+        ``(target, statement, parameters)`` per physical table and chunk of
+        :data:`KEYS_PER_QUERY` keys. Rows come back in :meth:`Statements.row` form."""
+        out: list[tuple[Target, Compiled, tuple[Any, ...]]] = []
+        for target, group in self.router.group(self.table, key_values, role).items():
+            st = self.statements[target.slot]
+            for i in range(0, len(group), KEYS_PER_QUERY):
+                chunk = group[i : i + KEYS_PER_QUERY]
+                c = st.get_many(target.slot, len(chunk))
+                out.append((target, c, c.params(st.get_many_params(chunk))))
+        return out
 
-    def node(self, key: Key, role: Role) -> Node:
-        """The node that serves ``key``'s physical table for ``role``."""
-        targets = self.primary_targets if role is Role.PRIMARY else self.replica_targets
-        return self.cluster.node(targets[key.slot])
+
+KEYS_PER_QUERY = 500
+"""Keys per IN list of a lookup by keys: well under every backend's parameter limit."""

@@ -31,7 +31,7 @@ from dal.errors import (
     QueryTimeoutError,
     RoutingError,
 )
-from dal.events import Events, NodeStateChanged, Outcome, PoolWait, QueryFinished
+from dal.events import Events, NodeStateChanged, Outcome, PoolWait, QueryFinished, outcome_of
 from dal.routing.balancing import Balancer, BalancerFactory, balancer_factory
 from dal.routing.router import Role, Target
 
@@ -327,17 +327,6 @@ class Watched:
     async def copy_text(self, table: str, columns: Sequence[str], source: AsyncIterable[memoryview]) -> None:
         conn: Any = self._conn
         await self._watch("copy", conn.copy_text(table, columns, source))
-
-
-def outcome_of(exc: BaseException) -> Outcome:
-    """How work that raised ``exc`` ended, in the words of :data:`dal.events.Outcome`."""
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled"
-    if isinstance(exc, TimeoutError):  # (dal's timeouts are TimeoutErrors too)
-        return "timeout"
-    if isinstance(exc, ConnectionUnavailableError | CommitUnknownError) or not isinstance(exc, DalError):
-        return "lost"
-    return "error"
 
 
 def in_doubt(node: str, what: str, exc: DalError) -> CommitUnknownError:

@@ -44,10 +44,13 @@ kind            events
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
+
+from dal.errors import CommitUnknownError, ConnectionUnavailableError, DalError
 
 log = logging.getLogger("dal.events")
 
@@ -58,6 +61,17 @@ Outcome = Literal["ok", "error", "timeout", "cancelled", "lost"]
 """How a piece of work ended: ``error`` the server (or dal) refused it and the connection is
 fine; ``lost`` the connection failed; ``timeout`` a deadline passed; ``cancelled`` the caller
 gave up."""
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    """How work that raised ``exc`` ended, in the words of :data:`Outcome`."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, TimeoutError):  # (dal's timeouts are TimeoutErrors too)
+        return "timeout"
+    if isinstance(exc, ConnectionUnavailableError | CommitUnknownError) or not isinstance(exc, DalError):
+        return "lost"
+    return "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +152,9 @@ class InvalidationPublished:
 @dataclass(frozen=True, slots=True)
 class InvalidationReceived:
     """An invalidation message from another process applied to this one's L1.
-    ``delay``: seconds from its publication (by the sender's wall clock) to now; ``None``
-    when the message does not say. ``keys`` is 0 for a whole-table flush."""
+    ``delay``: seconds from its publication (by the sender's wall clock, so clock skew
+    between hosts shows in it: it can be negative; only a signed message vouches for
+    it) to now; ``None`` when the message does not say. ``keys`` is 0 for a whole-table flush."""
 
     kind: ClassVar[Kind] = "invalidation"
     table: str

@@ -249,17 +249,6 @@ class DataLayer:
 
         return scan
 
-    @property
-    def primary_scope(self) -> contextvars.ContextVar[bool]:
-        """True inside :meth:`read_primary` (in this context): reads go to primaries."""
-        return self._read_primary
-
-    @property
-    def fanout(self) -> asyncio.Semaphore:
-        """The bound on physical-table statements of fan-outs and batches run at once
-        (``fanout_concurrency``), shared by every repository of the layer."""
-        return self._fanout
-
     def read_primary(self) -> _PrimaryScope:
         """A scope (``with`` or ``async with``) in which every read goes to a primary."""
         return _PrimaryScope(self._read_primary)

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 RowT = TypeVar("RowT")
 T = TypeVar("T")
 
-_CHUNK = 500  # keys per IN list: well under every backend's parameter limit
 
 
 class _Tx:
@@ -292,17 +291,15 @@ class Repository(Generic[RowT]):
         cache = self._write_cache()
         if cache is None or not outcome_unknown(exc):
             return
-        encs = [k.cache_key for k in keys]
-        await cache.invalidate(encs, inserted=inserted)
-        pending = unsettled(exc)
-        if pending is not None:
-            pending.add_done_callback(lambda _: cache.runtime.spawn(cache.invalidate(encs, inserted=inserted)))
+        await cache.invalidate_in_doubt([k.cache_key for k in keys], inserted=inserted, exc=exc)
 
-    async def _invalidate_written(self, values: Mapping[str, Any], exc: BaseException | None = None) -> None:
-        """After an insert/upsert of ``values`` (or one in doubt, failed with ``exc``)."""
+    async def _invalidate_written(
+        self, values: Mapping[str, Any], slot: int, exc: BaseException | None = None
+    ) -> None:
+        """After an insert/upsert of ``values`` into ``slot`` (or one in doubt, failed with ``exc``)."""
         t = self._table
         if all(c in values for c in t.primary_key):
-            k = t.key_from_values(tuple(values[c] for c in t.primary_key))
+            k = Key(tuple(values[c] for c in t.primary_key), slot)
             if exc is not None:
                 await self._invalidate_in_doubt([k], True, exc)
             else:
@@ -331,12 +328,9 @@ class Repository(Generic[RowT]):
 
     async def _fetch_many(self, kvs: Sequence[tuple[Any, ...]], role: Role) -> list[dict[str, Any]]:
         """Rows for key values, one query per physical table (chunked), concurrently."""
-        groups = self._router.group(self._table, kvs, role)
-        self._check_targets(groups)
-        jobs: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = []
-        for target, group in groups.items():
-            for i in range(0, len(group), _CHUNK):
-                jobs.append(self._get_chunk_job(target, group[i : i + _CHUNK]))
+        queries = self.binding.key_queries(kvs, role)
+        self._check_targets(q[0] for q in queries)
+        jobs = [self._get_chunk_job(target, c, params) for target, c, params in queries]
         rows: list[dict[str, Any]] = []
         for part in await gather_bounded(jobs, self._fanout):
             rows.extend(part)
@@ -359,7 +353,9 @@ class Repository(Generic[RowT]):
 
             async def load(kvs: Sequence[tuple[Any, ...]], primary: bool) -> dict[bytes, dict[str, Any]]:
                 rows = await self._fetch_many(kvs, Role.PRIMARY if primary else Role.REPLICA)
-                return {encode_cache_key(t.key_values(t.key_of(r))): r for r in rows}
+                # (the database's own key values: validated when they were written)
+                pk = t.primary_key
+                return {encode_cache_key(tuple(r[c] for c in pk)): r for r in rows}
 
             for enc, row in (await cache.get_many(missing, load)).items():
                 if row is not None:
@@ -367,11 +363,9 @@ class Repository(Generic[RowT]):
         return out
 
     def _get_chunk_job(
-        self, target: Target, chunk: list[tuple[Any, ...]]
+        self, target: Target, c: Compiled, params: tuple[Any, ...]
     ) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
         st = self._stmts[target.slot]
-        c = st.get_many(target.slot, len(chunk))
-        params = c.params(st.get_many_params(chunk))
 
         async def job() -> list[dict[str, Any]]:
             return [st.row(r) for r in await self._fetch_all(target, c, params)]
@@ -407,10 +401,10 @@ class Repository(Generic[RowT]):
             await self._execute(target, c, c.params(values))
         except BaseException as exc:
             if self._write_cache() is not None and outcome_unknown(exc):
-                await self._invalidate_written(values, exc)
+                await self._invalidate_written(values, target.slot, exc)
             raise
         if self._cache is not None:
-            await self._invalidate_written(values)
+            await self._invalidate_written(values, target.slot)
 
     async def update(self, key: Any, values: Mapping[str, Any]) -> bool:
         """Set ``values`` on the row with ``key``; ``False`` when there is no such row."""

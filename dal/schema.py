@@ -665,15 +665,6 @@ class LogicalTable:
             return Key(kv, sharder.slot_of_encoded(enc), enc)
         return Key(kv, sharder.slot(kv[self.shard_key_index]), enc)
 
-    def key_from_values(self, values: tuple[Any, ...]) -> Key:
-        """The :class:`Key` of primary-key column values already validated (a row's)."""
-        return Key(values, self.shard_slot(values))
-
-    def shard_slot(self, values: tuple[Any, ...]) -> int:
-        """The slot of validated primary-key column values."""
-        sharder = self.sharder
-        return 0 if sharder is None else sharder.slot(values[self.shard_key_index])
-
     def key_values(self, key: object) -> tuple[Any, ...]:
         """Validate a primary key (scalar or tuple) and return its column values."""
         pk = self.primary_key

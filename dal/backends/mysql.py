@@ -192,6 +192,7 @@ class MySQLConnection:
         self.last_used = 0.0
 
     async def fetch_one(self, sql: str, params: Sequence[Any]) -> Row | None:
+        self._check_size(sql, params)
         try:
             async with asyncio.timeout(self._deadline):
                 await self._cur.execute(sql, params or None)
@@ -205,6 +206,7 @@ class MySQLConnection:
             raise
 
     async def fetch_all(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        self._check_size(sql, params)
         try:
             async with asyncio.timeout(self._deadline):
                 await self._cur.execute(sql, params or None)

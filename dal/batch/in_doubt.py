@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 from dal.batch.results import Batch, Op
+from dal.clock import Backoff
 from dal.errors import CommitUnknownError, DalError, DuplicateKeyError
+from dal.routing.router import Role
 
 if TYPE_CHECKING:
     from dal.binding import TableBinding
@@ -38,7 +39,9 @@ class PrimaryLookups:
             raise CommitUnknownError(
                 f"{node.name}: connection lost during COMMIT of a {op} batch: outcome unknown ({exc})", node=node.name
             ) from exc
-        deadline = time.monotonic() + self.binding.in_doubt_timeout
+        clock = self.binding.clock
+        deadline = clock() + self.binding.in_doubt_timeout
+        backoff = Backoff(0.05, 0.5)
         b = batches[0]
         t = self.table
         slot, kv = t.locate_key(b.keys[0])
@@ -52,13 +55,13 @@ class PrimaryLookups:
                 async with node.detached("in-doubt") as conn:
                     found = await conn.fetch_one(c.sql, params)
             except Exception:  # not back yet (refused, in recovery)
-                if time.monotonic() > deadline:
+                if clock() > deadline:
                     raise CommitUnknownError(
                         f"connection lost during COMMIT on {node.name} and the primary did not come back "
                         f"within {self.binding.in_doubt_timeout}s: outcome unknown",
                         node=node.name,
                     ) from exc
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(backoff.next())
                 continue
             return found is not None
 
@@ -77,20 +80,12 @@ class PrimaryLookups:
 
     async def _existing(self, keys: list[Any]) -> list[Any]:
         """Which of ``keys`` (validated already) are on their primaries: one query per
-        physical table and chunk of 500 keys."""
+        physical table and chunk of keys (:meth:`TableBinding.key_queries`)."""
         t = self.table
-        pk = t.primary_key
-        by_slot: dict[int, list[tuple[Any, ...]]] = {}
-        for key in keys:
-            kv = key if len(pk) > 1 else (key,)
-            by_slot.setdefault(t.shard_slot(kv), []).append(kv)
+        single = len(t.primary_key) == 1
         found: list[Any] = []
-        for slot, kvs in by_slot.items():
-            st = self.stmts[slot]
-            node = self.cluster.node(self.binding.primary_targets[slot])
-            for i in range(0, len(kvs), 500):
-                chunk = kvs[i : i + 500]
-                c = st.get_many(slot, len(chunk))
-                for r in await node.fetch_all(c.sql, c.params(st.get_many_params(chunk))):
-                    found.append(t.key_of(st.row(r)))
+        for target, c, params in self.binding.key_queries([(k,) if single else k for k in keys], Role.PRIMARY):
+            st = self.stmts[target.slot]
+            for r in await self.cluster.node(target).fetch_all(c.sql, params):
+                found.append(t.key_of(st.row(r)))
         return found

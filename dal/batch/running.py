@@ -20,7 +20,7 @@ import collections
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from dal.backends.base import Connection, unsettled
+from dal.backends.base import Connection
 from dal.batch.dialects import BatchSql
 from dal.batch.in_doubt import PrimaryLookups
 from dal.batch.planning import BatchPlanner, LiveBatches
@@ -274,10 +274,10 @@ class BatchRunner:
         t = self.table
         encs = [encode_cache_key(k if isinstance(k, tuple) and len(t.primary_key) > 1 else (k,)) for k in keys]
         inserted = op in ("insert", "upsert")
-        await cache.invalidate(encs, inserted=inserted)
-        pending = unsettled(in_doubt) if in_doubt is not None else None
-        if pending is not None:
-            pending.add_done_callback(lambda _: cache.runtime.spawn(cache.invalidate(encs, inserted=inserted)))
+        if in_doubt is None:
+            await cache.invalidate(encs, inserted=inserted)
+        else:
+            await cache.invalidate_in_doubt(encs, inserted=inserted, exc=in_doubt)
 
 
 def _suspect(conn: Connection, node: Node, exc: BaseException) -> ConnectionUnavailableError:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from dal.batch.planning import BatchPlanner
 from dal.batch.results import Batch, Op
 from dal.batch.running import BatchRunner
-from dal.cluster import outcome_of
 from dal.errors import (
     CommitUnknownError,
     ConnectionUnavailableError,
@@ -28,7 +27,7 @@ from dal.errors import (
     ShardKeyError,
     ValidationError,
 )
-from dal.events import BatchFlushed
+from dal.events import BatchFlushed, outcome_of
 from dal.routing.sharding import int_slot
 from dal.schema import _default_value
 

@@ -24,10 +24,12 @@ any bytes under these keys. A version value that is not ``<n>:<ms>`` in ASCII
 digits parses as unknown (:func:`parse_version`); what a row entry must be is
 checked by the table cache, which deletes what fails with :meth:`RemoteCache.discard`.
 
-No command carries more than about 1,000 keys: reads are one ``MGET`` per
-chunk of :data:`READ_CHUNK` row keys (each with its version key), fills one
-pipeline per chunk of :data:`FILL_CHUNK`. A big command can outlive the timeout
-and trip the breaker for everyone; a chunk that fails costs only its own keys.
+No call carries more than about 1,000 keys: reads are one ``MGET`` per
+chunk of :data:`READ_CHUNK` row keys (each with its version key), fills,
+invalidations and discards one pipeline per chunk of :data:`FILL_CHUNK`, Bloom
+bits one pipeline per :data:`BITS_CHUNK` positions. Each call has the timeout
+to itself: a big call would outlive it and trip the breaker for everyone,
+while a chunk that fails costs only its own keys.
 
 Every call goes through a breaker: when Redis fails repeatedly, calls return
 :data:`UNAVAILABLE` at once instead of each waiting out a timeout, and
@@ -55,6 +57,8 @@ FILL_CHUNK = 500
 """Fills per pipeline (each touches a row key and its version key)."""
 READ_CHUNK = 500
 """Row keys per MGET, each with its version key: 1,000 Redis keys."""
+BITS_CHUNK = 1000
+"""SETBITs per pipeline (a key sets one bit per hash function)."""
 
 UNAVAILABLE: Any = object()
 """Returned instead of a result when Redis could not be used."""
@@ -247,19 +251,26 @@ class RemoteCache:
             self.rejected_fills += len(res) - done
 
     async def invalidate(self, bases: Sequence[str], now_ms: int, version_ttl_ms: int) -> bool:
-        """Bump the version and delete the row of every base key. False when Redis failed."""
-        async def run() -> None:
-            if self.cluster:  # keys live on different nodes: one script call each
-                await asyncio.gather(
-                    *(self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms]) for b in bases)
-                )
-                return
-            pipe = self.client.pipeline(transaction=False)
-            for b in bases:
-                await self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms], client=pipe)
-            await pipe.execute()
+        """Bump the version and delete the row of every base key, :data:`FILL_CHUNK` keys
+        per call. False when a chunk failed (doing it all again is harmless: a version
+        bumped twice is still newer than what any reader saw)."""
+        ok = True
+        for i in range(0, len(bases), FILL_CHUNK):
+            chunk = bases[i : i + FILL_CHUNK]
 
-        return await self.call(run) is not UNAVAILABLE
+            async def run(chunk: Sequence[str] = chunk) -> None:
+                if self.cluster:  # keys live on different nodes: one script call each
+                    await asyncio.gather(
+                        *(self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms]) for b in chunk)
+                    )
+                    return
+                pipe = self.client.pipeline(transaction=False)
+                for b in chunk:
+                    await self._invalidate(keys=[b, b + ":ver"], args=[now_ms, version_ttl_ms], client=pipe)
+                await pipe.execute()
+
+            ok = await self.call(run) is not UNAVAILABLE and ok
+        return ok
 
     async def acquire_lease(self, base: str, token: bytes, ttl_ms: int) -> bool | Any:
         res = await self.call(lambda: self.client.set(base + ":lease", token, nx=True, px=ttl_ms))
@@ -298,10 +309,17 @@ class RemoteCache:
         return res is not UNAVAILABLE
 
     async def setbits(self, key: str, positions: Sequence[int]) -> bool:
-        async def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for p in positions:
-                pipe.setbit(key, p, 1)
-            await pipe.execute()
+        """Set the bits at ``positions``, :data:`BITS_CHUNK` per call; False when a chunk
+        failed (setting them all again is harmless)."""
+        ok = True
+        for i in range(0, len(positions), BITS_CHUNK):
+            chunk = positions[i : i + BITS_CHUNK]
 
-        return await self.call(run) is not UNAVAILABLE
+            async def run(chunk: Sequence[int] = chunk) -> None:
+                pipe = self.client.pipeline(transaction=False)
+                for p in chunk:
+                    pipe.setbit(key, p, 1)
+                await pipe.execute()
+
+            ok = await self.call(run) is not UNAVAILABLE and ok
+        return ok

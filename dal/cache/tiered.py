@@ -45,6 +45,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from dal.backends.base import unsettled
 from dal.cache.bloom import BloomMembership
 from dal.cache.codec import Codec, Enums, make_codec
 from dal.cache.flight import SingleFlight
@@ -460,6 +461,17 @@ class TableCache:
         if not encs:
             return
         await self.runtime.shielded(self._invalidate(list(encs), inserted))
+
+    async def invalidate_in_doubt(self, encs: Sequence[bytes], *, inserted: bool, exc: BaseException) -> None:
+        """After a write whose outcome ``exc`` left unknown: invalidate as if it committed,
+        and once more when the server confirms the interrupted statement over, if that is
+        still under way (:func:`dal.backends.base.unsettled`): a statement still running
+        when the first invalidation ran may commit after it."""
+        encs = list(encs)
+        await self.invalidate(encs, inserted=inserted)
+        pending = unsettled(exc)
+        if pending is not None:
+            pending.add_done_callback(lambda _: self.runtime.spawn(self.invalidate(encs, inserted=inserted)))
 
     async def _invalidate(self, encs: Sequence[bytes], inserted: bool) -> None:
         self.evict_local(encs, inserted)

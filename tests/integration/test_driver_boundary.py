@@ -158,6 +158,21 @@ async def test_oversized_statement_is_a_data_error_and_the_connection_is_kept(
     assert await notes.update(1, {"data": b"z"}) is True  # and the connection works
 
 
+async def test_an_oversized_read_is_refused_before_it_is_sent(
+    odd_mariadb: MariaDBReplicaSet, odd_notes: DataLayer
+) -> None:
+    """A read (one find, a get_many's IN list) is measured like a write: a DataError, and
+    the connection stays in the pool."""
+    notes = odd_notes.repository("notes")
+    await notes.insert({"id": 1, "name": "n1", "data": b"x"})
+    pool = odd_notes.cluster.primary("db0").pool
+    size_before = pool.size
+    with pytest.raises(DataError, match="was not sent"):
+        await notes.find({"data": b"y" * (2 << 20)}, primary=True)
+    assert pool.size == size_before
+    assert [r["id"] for r in await notes.find({"data": b"x"}, primary=True)] == [1]
+
+
 def test_the_server_refusing_a_packet_maps_to_a_data_error() -> None:
     """Behind the size check (a server whose limit shrank after connect): ER_NET_PACKET_TOO_LARGE
     and aiomysql's early-answer error are DataErrors naming max_allowed_packet."""

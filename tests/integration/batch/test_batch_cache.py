@@ -263,3 +263,30 @@ async def test_writer_batches_invalidate_once_per_batch(
         return [(await ub.get(i) or {}).get("name") for i in ids[:20]] == [f"w{i}" for i in ids[:20]]
 
     await wait_for(seen)
+
+
+async def test_a_large_invalidation_fits_the_redis_call_timeout(
+    cenv: tuple[DataLayer, DataLayer, Channel, Callable[[], DataLayer]],
+) -> None:
+    """The keys of one large batch (20,000) are invalidated in Redis calls of a bounded size,
+    each within the call timeout: no Redis error, no breaker trip, nothing left to retry,
+    and every key's version bumped. (As one pipeline of 20,000 scripts, the call outlived
+    its timeout and the whole invalidation went to the retry queue.)"""
+    from dal.cache.keys import encode_cache_key
+
+    a, _, _, _ = cenv
+    cache = a.cache_of("users")
+    assert a.cache is not None and a.cache.remote is not None and cache is not None
+    remote = a.cache.remote
+    remote.timeout = 0.1  # the whole call is bounded: a big one must be split to fit
+    errors, trips = remote.errors, remote.breaker.trips
+    encs = [encode_cache_key((i,)) for i in range(1, 20_001)]
+    await cache.invalidate(encs, inserted=False)
+    assert (remote.errors, remote.breaker.trips) == (errors, trips)
+    assert a.cache.retry.pending == 0
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        versions = await client.mget([cache.base(e) + ":ver" for e in (encs[0], encs[9_999], encs[-1])])
+    finally:
+        await client.aclose()
+    assert all(v is not None for v in versions)
