@@ -23,7 +23,8 @@ from dal.schema import LogicalTable
 from dal.sql import Compiled, Statements
 
 if TYPE_CHECKING:
-    from dal.cache.tiered import CacheRuntime, TableCache
+    from dal.cache.runtime import CacheRuntime
+    from dal.cache.tiered import TableCache
 
 
 @dataclass(frozen=True, eq=False, slots=True)

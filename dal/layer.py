@@ -41,7 +41,8 @@ from dal.schema import LogicalTable, bind_tables
 from dal.sql import Statements, make_dialect
 
 if TYPE_CHECKING:
-    from dal.cache.tiered import CacheRuntime, TableCache
+    from dal.cache.runtime import CacheRuntime
+    from dal.cache.tiered import TableCache
 
 R = TypeVar("R", bound=Repository[Any])
 
@@ -122,7 +123,8 @@ class DataLayer:
         if cached:
             # Imported here, not at the top: the cache's dependencies (msgpack, the
             # Bloom filter) load only for a layer that caches.
-            from dal.cache.tiered import CacheRuntime, TableCache
+            from dal.cache.runtime import CacheRuntime
+            from dal.cache.tiered import TableCache
 
             s = self.config.cache
             self.cache = CacheRuntime(

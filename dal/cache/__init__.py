@@ -1,7 +1,7 @@
 """The two-level cache: L1 in process, L2 in Redis, kept consistent with writes.
 
 Read :mod:`dal.cache.tiered` for the read and write paths; the parts are
-``local`` (L1), ``remote`` (L2 and its Lua scripts), ``bloom`` (penetration),
+``runtime`` (what every table's cache shares), ``local`` (L1), ``remote`` (L2 and its Lua scripts), ``bloom`` (penetration),
 ``flight`` (stampedes), ``invalidation`` (pub/sub and retries), ``codec``
 (msgpack/JSON, never pickle).
 
@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dal.cache.keys import encode_cache_key
-    from dal.cache.tiered import CacheRuntime, TableCache
+    from dal.cache.runtime import CacheRuntime
+    from dal.cache.tiered import TableCache
 
 __all__ = ["CacheRuntime", "TableCache", "encode_cache_key"]
 
@@ -27,8 +28,12 @@ def __getattr__(name: str) -> Any:
         from dal.cache.keys import encode_cache_key
 
         return encode_cache_key
-    if name in ("CacheRuntime", "TableCache"):
-        from dal.cache import tiered
+    if name == "CacheRuntime":
+        from dal.cache.runtime import CacheRuntime
 
-        return getattr(tiered, name)
+        return CacheRuntime
+    if name == "TableCache":
+        from dal.cache.tiered import TableCache
+
+        return TableCache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
