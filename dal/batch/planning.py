@@ -28,7 +28,7 @@ from dal.batch.results import Batch, Op
 from dal.errors import InputError, ShardKeyError, ValidationError
 from dal.routing.router import Target
 from dal.routing.sharding import by_slot, slots_of
-from dal.schema import _default_value, as_mapping, not_a_collection
+from dal.schema import as_mapping, default_value, not_a_collection
 
 if TYPE_CHECKING:
     from dal.binding import TableBinding
@@ -166,7 +166,7 @@ class BatchPlanner:
             return None
         for name, default in t.defaults:
             if name not in cols:
-                cols[name] = [_default_value(default) for _ in rows]
+                cols[name] = [default_value(default) for _ in rows]
         if any(name not in cols for name in t.required) or not all(c in cols for c in t.primary_key):
             return None
         shard = cols[t.shard_key]
@@ -278,7 +278,7 @@ class BatchPlanner:
             raise ValidationError(f"{t.name}: row {index} has no column to update")
         for name, default in t.onupdate:  # Column(onupdate=...), as Repository.update applies them
             if name not in out:
-                out[name] = _default_value(default)
+                out[name] = default_value(default)
         # key columns first, then the columns to set, in a stable order
         return {**{c: out[c] for c in t.primary_key}, **{c: v for c, v in out.items() if c not in t.primary_key}}
 

@@ -29,7 +29,7 @@ from dal.errors import (
 )
 from dal.events import BatchFlushed, outcome_of
 from dal.routing.sharding import int_slot
-from dal.schema import _default_value
+from dal.schema import default_value
 
 if TYPE_CHECKING:
     from dal.binding import TableBinding
@@ -272,7 +272,7 @@ class BatchWriter:
                 if shape.defaults:
                     filled = list(values)
                     for pos, default in shape.defaults:
-                        filled.insert(pos, _default_value(default))
+                        filled.insert(pos, default_value(default))
                     values = tuple(filled)
                 sharder = t.sharder
                 if sharder is None:
