@@ -45,7 +45,8 @@ import aiomysql
 import pymysql
 from pymysql.constants import CLIENT, SERVER_STATUS
 
-from dal.config import MYSQL_CHARSET, NodeSpec
+from dal.config import NodeSpec
+from dal.dsn import MYSQL_CHARSET
 from dal.errors import (
     ConnectionUnavailableError,
     DalError,

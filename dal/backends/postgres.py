@@ -49,7 +49,8 @@ from asyncpg.exceptions._base import (
     DataError as ClientDataError,  # (asyncpg exports only the server one)
 )
 
-from dal.config import PG_CONNECT_ARGUMENTS, NodeSpec
+from dal.config import NodeSpec
+from dal.dsn import PG_CONNECT_ARGUMENTS
 from dal.errors import (
     ConnectionUnavailableError,
     DalError,

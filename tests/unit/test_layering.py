@@ -18,7 +18,7 @@ DAL = Path(__file__).resolve().parents[2] / "dal"
 FLOORS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("dal.errors", "dal.clock", "dal.events")),
     (1, ("dal.breaker", "dal.routing.sharding", "dal.routing.balancing")),
-    (2, ("dal.config", "dal.values")),
+    (2, ("dal.config", "dal.dsn", "dal.values")),
     (3, ("dal.routing.router", "dal.schema", "dal.sql", "dal.filters", "dal.backends", "dal.cache")),
     (4, ("dal.cluster",)),
     (5, ("dal.binding",)),
